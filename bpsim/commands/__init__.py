@@ -1,0 +1,1 @@
+"""Subcommands of the ``bpsim`` CLI; each module defines ``add_parser`` and ``run``."""
