@@ -8,3 +8,4 @@ from bpsim.predictors.base import (  # noqa: F401
     RoundFeatures,
     predictor_from_config,
 )
+from bpsim.predictors import distribution, features, history, static  # noqa: F401,E402  (registers the families)

@@ -61,6 +61,7 @@ class BatchFeatures:
     draft_entropy: np.ndarray | None = None  # (rounds, max_draft_len) float, NaN past draft_len
     position: np.ndarray | None = None  # (rounds,) int
     extra: dict = field(default_factory=dict)
+    context_len: np.ndarray | None = None  # (rounds,) int, tokens before the round (prompt included)
 
 
 class Predictor(abc.ABC):
@@ -115,7 +116,8 @@ class Predictor(abc.ABC):
             probs = () if features.draft_max_prob is None else tuple(features.draft_max_prob[i, :n].tolist())
             entropy = () if features.draft_entropy is None else tuple(features.draft_entropy[i, :n].tolist())
             position = 0 if features.position is None else int(features.position[i])
-            prediction = self.predict(RoundFeatures(n, probs, entropy, position))
+            context_len = 0 if features.context_len is None else int(features.context_len[i])
+            prediction = self.predict(RoundFeatures(n, probs, entropy, position, context_len))
             predicted[i], next_len[i] = prediction.predicted, prediction.next_draft_len
             self.update(int(accepted[i]), n)
         return predicted, next_len
