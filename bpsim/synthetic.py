@@ -43,6 +43,7 @@ class SyntheticSpec:
     request_concentration: float | None = None  # Beta concentration of per-request rates; None: no spread
     round_concentration: float | None = None  # Beta concentration of per-round rates; None: no spread
     confidence_strength: float = 0.0  # logit slope of acceptance on the latent behind draft_max_prob
+    second_match_rate: float = 0.3  # probability that a correction equals the draft's second-best token
     draft_ms_per_token: float = 2.0
     draft_overhead_ms: float = 0.5
     verify_base_ms: float = 10.0
@@ -65,8 +66,9 @@ class SyntheticSpec:
                              f"{self.rounds_per_request}")
         if not draft_len or min(draft_len) < 0 or max(draft_len) > 32767:
             raise ValueError(f"draft_len values must lie in 0..32767, got {draft_len}")
-        if not 0.0 <= self.acceptance <= 1.0:
-            raise ValueError(f"acceptance must lie in [0, 1], got {self.acceptance}")
+        for name in ("acceptance", "second_match_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("request_concentration", "round_concentration"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -173,6 +175,9 @@ def synthetic_trace(spec: SyntheticSpec | None = None, **overrides) -> pa.Table:
     rejected = np.take_along_axis(draft_tokens, np.minimum(accepted, width - 1)[:, None], axis=1)[:, 0]
     clash = (accepted < draft_len) & (target_token == rejected)
     target_token[clash] = (target_token[clash] + 1) % VOCAB_SIZE  # a correction differs from the rejected draft
+    second_at_rejection = np.take_along_axis(second_tokens, np.minimum(accepted, width - 1)[:, None], axis=1)[:, 0]
+    guessed = (accepted < draft_len) & (rng.random(rounds) < spec.second_match_rate)
+    target_token[guessed] = second_at_rejection[guessed]
     emitted_tokens = np.concatenate([draft_tokens, np.zeros((rounds, 1), dtype=np.int32)], axis=1)
     emitted_tokens[np.arange(rounds), accepted] = target_token
 

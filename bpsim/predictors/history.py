@@ -257,13 +257,16 @@ class TwoLevelPredictor(HistoryPredictor):
                 **self.common_params()}
 
     @classmethod
-    def fit(cls, request_id, draft_len, accepted, history: int = 2, max_symbol: int = 8, **common
+    def fit(cls, request_id, recorded_draft_len, accepted, history: int = 2, max_symbol: int = 8, **common
             ) -> "TwoLevelPredictor":
-        """Count, over recorded rounds, which outcome followed each pattern; return the fitted predictor."""
+        """Count, over recorded rounds, which outcome followed each pattern; return the fitted predictor.
+
+        ``common`` holds the draft-length options (``draft_len``, ``max_draft_len``, ``length_rule``).
+        """
         learner = cls(history=history, max_symbol=max_symbol, **common)
         learner.reset()
         previous = None
-        for request, n, k in zip(np.asarray(request_id).tolist(), np.asarray(draft_len).tolist(),
+        for request, n, k in zip(np.asarray(request_id).tolist(), np.asarray(recorded_draft_len).tolist(),
                                  np.asarray(accepted).tolist()):
             if request != previous:
                 learner.recent = [-1] * history
