@@ -215,18 +215,30 @@ class Rounds:
 def split_by_request(rounds: Rounds, test_fraction: float = 0.3, seed: int = 0) -> tuple[Rounds, Rounds, bool]:
     """Split whole requests into train and test sets; return ``(train, test, held_out)``.
 
-    With a single request there is nothing to hold out, so both sets are that request and
-    ``held_out`` is false; reports must then call the scores in-sample.
+    Requests are drawn within each (suite, sampling mode) group, so every group with at least two
+    requests has test requests for its stratum. With a single request there is nothing to hold
+    out, so both sets are that request and ``held_out`` is false; reports must then call the
+    scores in-sample.
     """
     if not 0.0 < test_fraction < 1.0:
         raise FitError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    requests = rounds.requests
-    if len(requests) < 2:
+    if len(rounds.requests) < 2:
         logger.warning("only one request: training and testing on the same rounds (in-sample scores)")
         return rounds, rounds, False
     rng = np.random.default_rng(seed)
-    test_count = min(max(1, int(round(test_fraction * len(requests)))), len(requests) - 1)
-    test_requests = rng.choice(requests, size=test_count, replace=False)
+    starts = np.r_[True, rounds.request[1:] != rounds.request[:-1]]
+    group_of_request = {int(r): (s, m) for r, s, m in zip(rounds.request[starts], rounds.suite[starts], rounds.mode[starts])}
+    test_requests = []
+    for group in sorted(set(group_of_request.values())):
+        members = np.array([r for r, g in group_of_request.items() if g == group])
+        if len(members) < 2:
+            continue
+        count = min(max(1, int(round(test_fraction * len(members)))), len(members) - 1)
+        test_requests.extend(rng.choice(members, size=count, replace=False).tolist())
+    if not test_requests:  # every group has one request: hold out whole groups instead
+        requests = rounds.requests
+        count = min(max(1, int(round(test_fraction * len(requests)))), len(requests) - 1)
+        test_requests = rng.choice(requests, size=count, replace=False).tolist()
     in_test = np.isin(rounds.request, test_requests)
     return rounds.subset(~in_test), rounds.subset(in_test), True
 
