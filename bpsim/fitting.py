@@ -484,6 +484,9 @@ def fit_distribution(family: str, rounds: Rounds, latency: LatencyModel, **predi
         logpmf = beta_binomial_logpmf if family == "beta-binomial" else beta_geometric_logpmf
         mean_rate = binomial_mle(accepted, draft_len) if family == "beta-binomial" else capped_geometric_mle(accepted, draft_len)
         alpha, beta, converged = beta_mixture_mle(logpmf, accepted, draft_len, mean_rate)
+        # All accepted or none accepted: the likelihood only approaches its supremum as a shape
+        # parameter runs off to 0 or infinity, so whatever point the optimizer stops at is no MLE.
+        converged = converged and 0.0 < mean_rate < 1.0
         if not converged:
             logger.warning("%s fit reached a bound (alpha %.3g, beta %.3g): the data show no over-dispersion "
                            "or the rate is 0 or 1", family, alpha, beta)

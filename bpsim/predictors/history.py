@@ -168,11 +168,12 @@ class ExpAveragePredictor(HistoryPredictor):
         guess = np.empty(len(accepted))
         bounds = np.r_[starts, len(accepted)]
         for begin, end in zip(bounds[:-1], bounds[1:]):
-            # mean_i = (1 - alpha) mean_{i-1} + alpha accepted_{i-1}; feeding alpha * initial first,
-            # with the filter state also at initial, gives mean_0 = initial.
-            inputs = np.r_[self.initial, accepted[begin:end - 1]] * self.alpha
+            # mean_i = (1 - alpha) mean_{i-1} + alpha accepted_{i-1} with mean_0 = initial; lfilter
+            # runs the same multiply-adds as ``update``, so both paths round alike.
+            guess[begin] = self.initial
             initial_state = signal.lfiltic([1.0], [1.0, -(1.0 - self.alpha)], [self.initial])
-            guess[begin:end], _ = signal.lfilter([1.0], [1.0, -(1.0 - self.alpha)], inputs, zi=initial_state)
+            guess[begin + 1:end], _ = signal.lfilter([1.0], [1.0, -(1.0 - self.alpha)],
+                                                     self.alpha * accepted[begin:end - 1], zi=initial_state)
         return guess
 
 
