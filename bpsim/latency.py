@@ -15,10 +15,10 @@ next round's drafting is cut by ``hidden_ms``: the draft can only run concurrent
 target verifies, and of that, the fraction ``predraft_overlap``. On a miss the pre-draft is
 dropped at the check and the next round drafts from scratch.
 
-A coefficient that the traces cannot identify (for example the per-token verify slope when
-every round used one draft_len, or the pre-draft overlap of a trace recorded without
-pre-drafting) is set by an explicit assumption that is listed in ``assumed`` and printed by
-``describe``.
+Some coefficients cannot be identified from the traces, for example the per-token verify slope
+when every round used one draft_len, or the pre-draft overlap of a trace recorded without
+pre-drafting. Each of them is set by an explicit assumption, listed in ``assumed`` and printed
+by ``describe``.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class LatencyModel:
         """Least-squares fit of the model from per-round arrays (one entry per recorded round).
 
         ``predraft_ms`` (NaN or 0 where a round ran no pre-draft) and ``round_ms`` fit the pre-draft
-        overlap and launch overhead; without them, or with no pre-drafting round, both are assumed
+        overlap and overhead. Without them, or without a pre-drafting round, both are assumed
         (overlap 1, overhead 0) unless ``predraft_overlap`` is given. Rounds flagged in
         ``drafts_from_predraft`` took their drafts from a hit pre-draft, so their draft_ms is left
         out of the draft fit. ``branch_batch_cost`` is never in a trace and is always assumed.

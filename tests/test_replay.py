@@ -1,0 +1,353 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bpsim.cli import main
+from bpsim.latency import LatencyModel, fit_from_table
+from bpsim.predictors.base import PredictorConfigError, RoundFeatures, predictor_from_config
+from bpsim.predictors.distribution import BetaGeometricPredictor, CappedGeometricPredictor, EmpiricalPredictor
+from bpsim.predictors.features import HazardGLMPredictor
+from bpsim.predictors.history import (ExpAveragePredictor, LastValuePredictor, OneBitPredictor,
+                                      PlusTwoMinusOnePredictor, SaturatingCounterPredictor, TwoLevelPredictor)
+from bpsim.predictors.static import StaticPredictor
+from bpsim.replay import Costs, replay, simulate, simulate_oracle
+from bpsim.replay_data import (ReplayInputError, load_acceptance, realize, run_lengths, table_from_outcomes)
+from bpsim.replay_steppers import build_stepper, first_draft_len
+from bpsim.synthetic import synthetic_trace, write_synthetic
+
+# A round of n drafts costs n ms of drafting and 10 + (n + 1) ms of verification.
+SIMPLE = LatencyModel(draft_ms_per_token=1.0, verify_base_ms=10.0, verify_ms_per_token=1.0)
+
+
+def random_table(requests=6, length=40, rate=0.75, second_rate=0.5, seed=0, latency=SIMPLE):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(length // 2, length + 1, size=requests)
+    match = [rng.random(n) < rate for n in lengths]
+    second = [rng.random(n) < second_rate for n in lengths]
+    probs = [rng.random(n).astype(np.float32) for n in lengths]
+    entropy = [(3 * rng.random(n)).astype(np.float32) for n in lengths]
+    return table_from_outcomes(match, second, prompt_len=rng.integers(5, 30, size=requests), draft_max_prob=probs,
+                               draft_entropy=entropy, latency=latency)
+
+
+def history_predictors():
+    return [
+        LastValuePredictor(draft_len=3, max_draft_len=6),
+        LastValuePredictor(draft_len=2, max_draft_len=5, length_rule="follow"),
+        PlusTwoMinusOnePredictor(draft_len=3, max_draft_len=7),
+        ExpAveragePredictor(alpha=0.5, initial=2.5, draft_len=4, length_rule="follow"),
+        SaturatingCounterPredictor(bits=3, draft_len=4, length_rule="plus2-minus1"),
+        TwoLevelPredictor(history=2, max_symbol=4, draft_len=4, table={"-1,-1": [0, 3, 1, 0, 0, 2]}),
+        OneBitPredictor(high_draft_len=5, low_draft_len=1),
+    ]
+
+
+def test_run_lengths_count_consecutive_matches():
+    match = torch.tensor([[True, True, False, True, True, True, False]])
+    assert run_lengths(match).tolist() == [[2, 1, 0, 3, 2, 1, 0]]
+
+
+def test_costs_mirror_latency_model():
+    model = LatencyModel(draft_ms_per_token=1.5, verify_base_ms=9.0, draft_overhead_ms=0.7, verify_ms_per_token=0.4,
+                         verify_ms_per_context=0.01, predraft_overlap=0.6, branch_batch_cost=0.3)
+    costs = Costs(model)
+    n = torch.tensor([0, 1, 3, 8])
+    branches = torch.tensor([1, 2, 4, 9])
+    window = torch.tensor([2.0, 5.0, 11.0, 3.0], dtype=torch.float64)
+    context = torch.tensor([0, 10, 100, 1000])
+    np.testing.assert_allclose(costs.draft_ms(n).numpy(), model.draft_ms(n.numpy()))
+    np.testing.assert_allclose(costs.verify_ms(n + 1, context).numpy(), model.verify_ms(n.numpy() + 1, context.numpy()))
+    np.testing.assert_allclose(costs.predraft_ms(n, branches).numpy(), model.predraft_ms(n.numpy(), branches.numpy()))
+    np.testing.assert_allclose(costs.hidden_ms(n, window, branches).numpy(),
+                               model.hidden_ms(n.numpy(), window.numpy(), branches.numpy()))
+
+
+def test_plain_replay_hand_computed():
+    # Request 0: draft_len 2 accepts 2 at s=0 (emits 3 tokens), then at s=3 again 2 of the
+    # remaining 2 allowed: two rounds of 2 ms drafting + 13 ms verifying = 30 ms for 6 tokens.
+    # Request 1 (4 tokens): s=0 accepts 0 (15 ms, 1 token); s=1 accepts 2 of 2 (15 ms, 3 tokens).
+    table = table_from_outcomes([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1]], latency=SIMPLE)
+    result = replay(table, draft_lens=[2], oracle=False, bootstrap=50, device="cpu")
+    plain = result.policy("plain:draft_len=2")
+    target = result.policy("target")
+    assert plain.time_s == pytest.approx(0.060)
+    assert plain.rounds == 4
+    assert plain.tokens_per_s.value == pytest.approx(10 / 0.060)
+    # Target-only: 10 tokens at 11 ms each.
+    assert target.tokens_per_s.value == pytest.approx(10 / 0.110)
+    assert plain.speedup_vs_target.value == pytest.approx(110 / 60)
+    assert result.best_plain_draft_len == 2
+    assert result.exact
+
+
+def test_plain_replay_caps_drafts_at_request_end():
+    table = table_from_outcomes([[1, 1, 1]], latency=SIMPLE)
+    result = replay(table, draft_lens=[5], oracle=False, bootstrap=10, device="cpu")
+    plain = result.policy("plain:draft_len=5")
+    # One round of 2 drafts (3 tokens left): 2 ms + 13 ms.
+    assert plain.time_s == pytest.approx(0.015)
+    assert plain.approximate
+    assert any("plain:draft_len=5" in warning for warning in result.warnings)
+
+
+def test_losing_speculation_picks_target_only():
+    slow_draft = LatencyModel(draft_ms_per_token=20.0, verify_base_ms=10.0, verify_ms_per_token=5.0)
+    table = random_table(rate=0.6, latency=slow_draft)
+    result = replay(table, [LastValuePredictor()], bootstrap=50, device="cpu")
+    assert result.best_plain_draft_len == 0
+    assert result.policy("target").speedup_vs_best_plain.value == pytest.approx(1.0)
+    for policy in result.policies:
+        if policy.kind == "plain":
+            assert policy.speedup_vs_target.value < 1.0
+
+
+@pytest.mark.parametrize("latency", [
+    SIMPLE,
+    LatencyModel(draft_ms_per_token=2.0, verify_base_ms=8.0, verify_ms_per_token=0.5, draft_overhead_ms=1.0,
+                 verify_ms_per_context=0.01, predraft_overlap=0.5, predraft_overhead_ms=0.8, branch_batch_cost=0.4),
+    LatencyModel(draft_ms_per_token=30.0, verify_base_ms=10.0, verify_ms_per_token=3.0, predraft_overlap=0.2),
+])
+def test_oracle_beats_every_policy(latency):
+    table = random_table(requests=8, latency=latency, seed=3)
+    predictors = [*history_predictors(), StaticPredictor("all", draft_len=4),
+                  CappedGeometricPredictor(rate=0.75, latency=SIMPLE)]
+    result = replay(table, predictors, exhaustive_widths=[0, 2], bootstrap=20, device="cpu")
+    oracle = next(p for p in result.policies if p.kind == "oracle")
+    if oracle.predrafts:
+        assert oracle.hit_rate.value == pytest.approx(1.0)
+    for policy in result.policies:
+        if policy.kind != "oracle":
+            assert oracle.tokens_per_s.value >= policy.tokens_per_s.value - 1e-9, policy.name
+
+
+def test_oracle_matches_brute_force_on_tiny_request():
+    # Every draft_len sequence over a 5-token request, sequential costs with a fully hidden
+    # pre-draft: the oracle's time must equal the cheapest sequence.
+    match = [1, 1, 0, 1, 0]
+    table = table_from_outcomes([match], latency=SIMPLE)
+    batch = realize(table)
+    oracle = simulate_oracle(batch, SIMPLE, max_draft_len=3)
+
+    def cheapest(s, previous):
+        if s >= len(match):
+            return 0.0
+        best = float("inf")
+        for n in range(4):
+            n = min(n, len(match) - s - 1)
+            run = 0
+            while s + run < len(match) and match[s + run] and run < n:
+                run += 1
+            own = float(SIMPLE.draft_ms(n))
+            if previous is not None and n > 0:
+                window = float(SIMPLE.verify_ms(previous + 1))
+                own = min(own, own - float(SIMPLE.hidden_ms(n, window)))
+            best = min(best, own + float(SIMPLE.verify_ms(n + 1)) + cheapest(s + run + 1, n))
+        return best
+
+    assert oracle.time_ms[0] == pytest.approx(cheapest(0, None))
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_history_stepper_matches_scalar_path(index):
+    predictor = history_predictors()[index]
+    table = random_table(requests=5, seed=index)
+    batch = realize(table)
+    stepper = build_stepper([predictor], batch.rows, batch.match.device, max_draft_len=8, context_start=0,
+                            context_stop=200)
+    first = [first_draft_len(predictor, int(p)) for p in table.prompt_len]
+    totals = simulate(batch, SIMPLE, 1, stepper=stepper, first_draft_lens=first, record=True)
+    record = totals.record
+    assert record["active"].any()
+    for lane in range(batch.rows):
+        scalar = type(predictor)(**predictor.params())
+        scalar.reset()
+        for step in np.flatnonzero(record["active"][:, lane].numpy()):
+            n = int(record["draft_len"][step, lane])
+            pos = int(record["position"][step, lane])
+            features = RoundFeatures(n, tuple(table.draft_max_prob[lane, pos:pos + n].astype(float).tolist()),
+                                     tuple(table.draft_entropy[lane, pos:pos + n].astype(float).tolist()), pos,
+                                     int(table.prompt_len[lane]) + pos)
+            expected = scalar.predict(features)
+            assert int(record["predicted"][step, lane]) == expected.predicted, (lane, step)
+            assert int(record["next_draft_len"][step, lane]) == expected.next_draft_len, (lane, step)
+            scalar.update(int(record["accepted"][step, lane]), n)
+
+
+def test_vectorised_replay_equals_scalar_replay():
+    table = random_table(requests=4, length=30, seed=11)
+    predictors = [*history_predictors(), StaticPredictor("fixed", k=1, draft_len=3),
+                  BetaGeometricPredictor(alpha=3.0, beta=1.0, latency=SIMPLE),
+                  EmpiricalPredictor(counts={"3": [5, 3, 2, 9]}, latency=SIMPLE),
+                  HazardGLMPredictor(coefficients=[0.5, 2.0, -0.3, -0.1], mean_features=[0.5, 1.5], latency=SIMPLE)]
+    fast = replay(table, predictors, exhaustive_widths=[2], oracle=False, bootstrap=10, device="cpu")
+    slow = replay(table, predictors, exhaustive_widths=[2], oracle=False, bootstrap=10, device="cpu",
+                  vectorised=False)
+    for quick, reference in zip(fast.policies, slow.policies):
+        assert quick.name == reference.name
+        assert quick.time_s == pytest.approx(reference.time_s, rel=1e-12), quick.name
+        assert quick.hits == reference.hits, quick.name
+        assert quick.rounds == reference.rounds, quick.name
+
+
+def test_branch_prediction_hit_needs_correction_token():
+    # Every round rejects its first draft. A predictor that always guesses 0 is right about the
+    # branch point, but only the second request's correction tokens match the draft's second-best.
+    table = table_from_outcomes([[0] * 10, [0] * 10], [[0] * 10, [1] * 10], latency=SIMPLE)
+    result = replay(table, [StaticPredictor("zero", draft_len=2)], oracle=False, bootstrap=10, device="cpu")
+    policy = result.policy("static:choice=zero,draft_len=2")
+    hits = policy.totals.hits
+    assert hits[0] == 0
+    assert hits[1] == policy.totals.predrafts[1] > 0
+
+
+def test_exhaustive_all_branches_always_covers():
+    table = random_table(requests=4, second_rate=1.0, rate=0.9, seed=5)
+    predictor = StaticPredictor("all", draft_len=3)
+    result = replay(table, [predictor], exhaustive_widths=[0], oracle=False, bootstrap=10, device="cpu")
+    exhaustive = next(p for p in result.policies if p.kind == "exhaustive")
+    single = result.policy("static:draft_len=3")
+    # With every correction guess right only the all-accepted branch can still miss.
+    assert exhaustive.hit_rate.value > single.hit_rate.value
+    assert exhaustive.hit_rate.value > 0.85
+
+
+def test_sampling_profile_is_labelled_approximate(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"request_id": i, "prompt_id": f"p{i}", "tokens": rng.integers(0, 100, 12).tolist(),
+             "match": (rng.random(12) < 0.7).tolist(), "second_match": (rng.random(12) < 0.3).tolist(),
+             "accept_prob": rng.random(12).tolist(), "draft_max_prob": rng.random(12).tolist(),
+             "draft_entropy": rng.random(12).tolist()} for i in range(5)]
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(
+        {b"bpsim": json.dumps({"sampling": {"mode": "sample", "temperature": 1.0}}).encode()})
+    path = tmp_path / "run.profile.parquet"
+    pq.write_table(table, path)
+    acceptance = load_acceptance([path], latency=SIMPLE)
+    assert not acceptance.exact
+    result = replay(acceptance, [LastValuePredictor()], bootstrap=10, device="cpu")
+    assert result.samples > 1
+    assert "APPROXIMATE" in result.format_table()
+    assert "APPROXIMATE" in result.to_markdown()
+    assert result.to_dict()["mode"] == "approximate"
+
+
+def test_greedy_profile_replays_exactly(tmp_path):
+    trace = tmp_path / "run.parquet"
+    write_synthetic(trace, requests=3, rounds_per_request=4, draft_len=2)
+    recorded = pq.read_table(trace)
+    rows = []
+    for request in range(3):
+        emitted = int(np.sum(np.asarray(recorded.column("emitted"))[np.asarray(recorded.column("request_id")) == request]))
+        rows.append({"request_id": request, "tokens": list(range(emitted)), "match": [True, False] * (emitted // 2)
+                     + [True] * (emitted % 2), "second_match": [False] * emitted})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "run.profile.parquet")
+    acceptance = load_acceptance([tmp_path / "run.profile.parquet"])
+    assert acceptance.exact
+    assert acceptance.latency is not None
+    assert (acceptance.prompt_len == 32).all()
+
+
+def test_trace_replay_is_approximate(tmp_path):
+    path = write_synthetic(tmp_path / "t.parquet", requests=4, rounds_per_request=20, draft_len=(2, 4))
+    acceptance = load_acceptance([path])
+    assert not acceptance.exact
+    assert "never judged" in acceptance.approximation
+    assert acceptance.requests == 4
+    recorded = pq.read_table(path)
+    assert acceptance.tokens == int(np.sum(recorded.column("emitted").to_numpy()))
+
+
+def test_empty_trace_rejected(tmp_path):
+    empty = synthetic_trace(requests=1, rounds_per_request=1).slice(0, 0)
+    path = tmp_path / "empty.parquet"
+    pq.write_table(empty, path)
+    with pytest.raises(ReplayInputError, match="contains no rounds"):
+        load_acceptance([path])
+
+
+def test_empty_profile_rejected(tmp_path):
+    schema = pa.schema([("request_id", pa.int32()), ("tokens", pa.list_(pa.int32())),
+                        ("match", pa.list_(pa.bool_())), ("second_match", pa.list_(pa.bool_()))])
+    path = tmp_path / "empty.profile.parquet"
+    pq.write_table(schema.empty_table(), path)
+    with pytest.raises(ReplayInputError, match="contains no requests"):
+        load_acceptance([path], latency=SIMPLE)
+
+
+def test_no_inputs_rejected():
+    with pytest.raises(ReplayInputError, match="no traces or profiles"):
+        load_acceptance([])
+    with pytest.raises(ReplayInputError, match="no requests"):
+        table_from_outcomes([])
+
+
+def test_draft_len_beyond_depth_warns(caplog):
+    # Requests of 5 tokens cannot judge 8 drafts in one round: the replay still answers, capped
+    # at the request's end, and says the policy's figures are approximate.
+    table = table_from_outcomes([[1, 1, 0, 1, 1]] * 3, latency=SIMPLE)
+    config = StaticPredictor("all", draft_len=8).to_config()
+    with caplog.at_level("WARNING"):
+        result = replay(table, [predictor_from_config(config)], draft_lens=[2], bootstrap=10, device="cpu")
+    policy = result.policy("static:draft_len=8")
+    assert policy.approximate
+    assert not result.policy("plain:draft_len=2").approximate
+    assert any("static:draft_len=8" in warning and "approximate" in warning for warning in result.warnings)
+    assert "approximate" in caplog.text
+
+
+def test_newer_config_version_rejected(tmp_path):
+    config = {**LastValuePredictor().to_config(), "version": 99}
+    with pytest.raises(PredictorConfigError, match="version 99"):
+        predictor_from_config(config)
+    trace = write_synthetic(tmp_path / "t.parquet", requests=2, rounds_per_request=5)
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps(config))
+    assert main(["replay", str(trace), "--config", str(path), "--bootstrap", "10"]) == 2
+
+
+def test_latency_fit_recovers_predraft_overlap():
+    rng = np.random.default_rng(0)
+    rounds = 400
+    draft_len = rng.integers(1, 6, rounds)
+    draft_ms = 2.0 * draft_len
+    verify_ms = 10.0 + 0.5 * (draft_len + 1)
+    predraft_ms = np.where(rng.random(rounds) < 0.7, 2.0 * rng.integers(1, 6, rounds), np.nan)
+    hideable = np.minimum(np.nan_to_num(predraft_ms), verify_ms)
+    round_ms = draft_ms + verify_ms + np.nan_to_num(predraft_ms) - np.where(
+        np.isnan(predraft_ms), 0.0, 0.6 * hideable - 0.3)
+    model = LatencyModel.fit(draft_len, draft_ms, verify_ms, predraft_ms=predraft_ms, round_ms=round_ms)
+    assert model.predraft_overlap == pytest.approx(0.6)
+    assert model.predraft_overhead_ms == pytest.approx(0.3)
+    assert "predraft_overlap" not in model.assumed
+    assert "branch_batch_cost" in model.assumed
+    plain = fit_from_table(synthetic_trace(requests=3, draft_len=(2, 4)))
+    assert {"predraft_overlap", "predraft_overhead_ms", "branch_batch_cost"} <= set(plain.assumed)
+
+
+def test_replay_cli_writes_json_and_markdown(tmp_path, capsys):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=4, rounds_per_request=10, draft_len=(2, 4))
+    out = tmp_path / "out"
+    code = main(["replay", str(trace), "--predictor", "last-value:draft_len=3", "--predictor", "one-bit",
+                 "--draft-lens", "1,2,3", "--exhaustive", "2", "--bootstrap", "20", "--device", "cpu",
+                 "--assume", "branch_batch_cost=0.25", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "latency model" in printed
+    assert "(assumed)" in printed
+    assert "APPROXIMATE" in printed
+    data = json.loads((out / "replay.json").read_text())
+    assert data["mode"] == "approximate"
+    assert data["latency"]["branch_batch_cost"] == 0.25
+    names = [policy["name"] for policy in data["policies"]]
+    assert "last-value:draft_len=3" in names
+    assert "exhaustive:width=2+one-bit" in names
+    assert "| policy |" in (out / "replay.md").read_text()
+
+
+def test_replay_cli_rejects_unknown_family(tmp_path, capsys):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=2, rounds_per_request=5)
+    assert main(["replay", str(trace), "--predictor", "no-such-family"]) == 2
+    assert "no-such-family" in capsys.readouterr().err
