@@ -116,10 +116,11 @@ class LaneTotals:
 
 
 def _features(batch: ReplayBatch, row: torch.Tensor, pos: torch.Tensor, n: torch.Tensor, ctx: torch.Tensor,
-              needs_features: bool) -> StepFeatures:
-    if not needs_features:
+              stepper: LaneStepper) -> StepFeatures:
+    if not stepper.needs_features:
         return StepFeatures(n, pos, ctx)
-    width = max(int(n.max()), 1)
+    # A fixed width (the stepper's largest draft_len) keeps the device from syncing on n.max().
+    width = max(stepper.draft_len_bound, 1)
     offsets = torch.arange(width, device=pos.device)[None, :]
     column = torch.clamp(pos[:, None] + offsets, max=batch.width - 1)  # (lanes, width)
     inside = offsets < n[:, None]
@@ -185,7 +186,7 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
 
         # 2. Predict before the verdict, pre-draft from the predicted branch point, then check.
         if stepper is not None:
-            predicted, proposed = stepper.predict(_features(batch, row, pos, n, ctx, stepper.needs_features))
+            predicted, proposed = stepper.predict(_features(batch, row, pos, n, ctx, stepper))
             predicted = torch.clamp(torch.minimum(predicted, n), min=0)
             proposed = torch.clamp(proposed, min=0)
             branches = torch.where(branches_setting == 0, n + 1, torch.minimum(branches_setting, n + 1))
@@ -263,7 +264,9 @@ def simulate_oracle(batch: ReplayBatch, latency: LatencyModel, max_draft_len: in
         predrafted = own[:, None, :] - costs.hidden_ms(n[:, None, :], window, torch.ones_like(n[:, None, :])) + overhead
         draft_cost = torch.where(n[:, None, :] > 0, torch.minimum(own[:, None, :], predrafted), 0.0)  # (rows, k, n)
         total = draft_cost + (verify + after)[:, None, :]
-        value, argmin = total.min(dim=2)  # (rows, k)
+        # amin and argmin, not min(dim=2): torch's CPU min with indices can stall for ~15 ms a call
+        # when another process keeps the cores busy (seen with torch 2.13 on two threads).
+        value, argmin = total.amin(dim=2), total.argmin(dim=2)  # (rows, k)
         best[:, s] = torch.where(inside[:, None], value, 0.0)
         choice[:, s] = argmin.to(torch.int16)
         first_choice[:, s] = torch.argmin(own + verify + after, dim=1).to(torch.int16)

@@ -41,6 +41,7 @@ class LaneStepper:
     """Base class: ``configs`` predictors of one family over ``rows`` requests on ``device``."""
 
     needs_features = False  # whether ``predict`` reads draft_max_prob and draft_entropy
+    draft_len_bound = 0  # the largest draft_len ``predict`` may be given; set by ``build_stepper``
 
     def __init__(self, predictors: list[Predictor], rows: int, device: torch.device):
         self.predictors = predictors
@@ -102,8 +103,8 @@ class ScalarStepper(LaneStepper):
 class TableStepper(LaneStepper):
     """Stateless families: the guess depends on draft_len only and the next draft_len on context_len only.
 
-    ``guess_table`` is (configs, max_draft_len + 1); ``length_table`` is (configs, contexts) over
-    context lengths ``context_start ..``; a draft_len or context outside the tables raises.
+    ``guess_table`` is (configs, max_draft_len + 1) and ``length_table`` is (configs, contexts)
+    over context lengths ``context_start ..``. Contexts outside the table take its nearest end.
     """
 
     def __init__(self, predictors, rows, device, guess_table: np.ndarray, length_table: np.ndarray,
@@ -115,9 +116,7 @@ class TableStepper(LaneStepper):
         self.config_index = torch.arange(self.configs, device=device).repeat_interleave(rows)
 
     def predict(self, features):
-        n = features.draft_len
-        if int(n.max()) >= self.guess_table.shape[1]:
-            raise ValueError(f"draft_len {int(n.max())} is beyond the guess table ({self.guess_table.shape[1] - 1})")
+        n = features.draft_len  # at most draft_len_bound, which sized the guess table
         context = (features.context_len - self.context_start).clamp(0, self.length_table.shape[1] - 1)
         predicted = self.guess_table[self.config_index, n]
         return torch.minimum(predicted, n), self.length_table[self.config_index, context]
@@ -165,9 +164,9 @@ class HazardGLMStepper(LaneStepper):
 
     def predict(self, features):
         n = features.draft_len  # (lanes,)
-        width = max(int(n.max()), 1)
-        max_prob = features.draft_max_prob[:, :width].double()  # (lanes, width)
-        entropy = features.draft_entropy[:, :width].double()
+        width = features.draft_max_prob.shape[1]
+        max_prob = features.draft_max_prob.double()  # (lanes, width)
+        entropy = features.draft_entropy.double()
         max_prob = torch.where(torch.isnan(max_prob), self.means[:, :1], max_prob)
         entropy = torch.where(torch.isnan(entropy), self.means[:, 1:], entropy)
         depth = torch.arange(width, device=self.device, dtype=torch.float64)[None, :]
@@ -302,7 +301,7 @@ class TwoLevelStepper(HistoryStepper):
     def guess(self, n):
         counts = self.table[self.lane_index, self.pattern]  # (lanes, outcomes)
         best = torch.argmax(counts, dim=1)  # first maximum, as np.argmax
-        empty = counts.max(dim=1).values == 0
+        empty = counts.amax(dim=1) == 0
         return torch.where(empty | (best == self.max_symbol + 1), n, best)
 
     def update(self, accepted, draft_len, active):
@@ -371,14 +370,17 @@ def build_stepper(predictors: list[Predictor], rows: int, device: torch.device, 
     if not vectorised or not has_vectorised_stepper(family):
         if vectorised:
             logger.warning("predictor family %r has no vectorised replay; stepping it one lane at a time", family)
-        return ScalarStepper(predictors, rows, device)
-    if family == "static":
-        return static_stepper(predictors, rows, device, max_draft_len, context_start, context_stop)
-    if family in DISTRIBUTION_FAMILIES:
-        return distribution_stepper(predictors, rows, device, max_draft_len, context_start, context_stop)
-    if family == "hazard-glm":
-        return HazardGLMStepper(predictors, rows, device, context_start, context_stop)
-    return HISTORY_STEPPERS[family](predictors, rows, device)
+        stepper = ScalarStepper(predictors, rows, device)
+    elif family == "static":
+        stepper = static_stepper(predictors, rows, device, max_draft_len, context_start, context_stop)
+    elif family in DISTRIBUTION_FAMILIES:
+        stepper = distribution_stepper(predictors, rows, device, max_draft_len, context_start, context_stop)
+    elif family == "hazard-glm":
+        stepper = HazardGLMStepper(predictors, rows, device, context_start, context_stop)
+    else:
+        stepper = HISTORY_STEPPERS[family](predictors, rows, device)
+    stepper.draft_len_bound = max_draft_len
+    return stepper
 
 
 def max_draft_len_of(predictor: Predictor, default: int) -> int:
