@@ -194,9 +194,9 @@ class Rounds:
         """Return ``(bonus_guess_rate, correction_guess_rate)`` estimated from these rounds.
 
         The correction guess is measured: the share of rejections whose correction equals the draft's
-        second-best token. The bonus guess is the draft's next token after its last draft, which
-        no trace records, so it is estimated by the per-token acceptance rate of the first drafted
-        token; each rate is 0.5 when no round informs it.
+        second-best token. The bonus guess is the draft's next token after its last draft. No trace
+        records that token, so the rate is estimated by the acceptance rate of the first drafted
+        token. Each rate is 0.5 when no round informs it.
         """
         judged = ~np.isnan(self.second_match)
         correction = float(np.mean(self.second_match[judged])) if judged.any() else 0.5
@@ -205,7 +205,7 @@ class Rounds:
         return bonus, correction
 
     def per_token_rate(self) -> float:
-        """The capped-geometric MLE of the per-token acceptance rate, S / (S + F)."""
+        """Return the capped-geometric MLE of the per-token acceptance rate, S / (S + F)."""
         drafted = self.draft_len > 0
         successes = float(self.accepted[drafted].sum())
         failures = float((self.accepted[drafted] < self.draft_len[drafted]).sum())
@@ -217,7 +217,7 @@ def split_by_request(rounds: Rounds, test_fraction: float = 0.3, seed: int = 0) 
 
     Requests are drawn within each (suite, sampling mode) group, so every group with at least two
     requests has test requests for its stratum. With a single request there is nothing to hold
-    out, so both sets are that request and ``held_out`` is false; reports must then call the
+    out, so both sets are that request and ``held_out`` is false. Reports must then call the
     scores in-sample.
     """
     if not 0.0 < test_fraction < 1.0:

@@ -5,8 +5,8 @@ the emitted tokens before j as context:
 
 - ``match``: the draft's argmax equals the emitted token (greedy acceptance of a draft there);
 - ``second_match``: the draft's second-best token equals the emitted token (the correction guess);
-- ``accept_prob``: sum over tokens of min(p, q), target p and draft q after the trace's
-  temperature, top-k and top-p; under greedy decoding 1 when both argmaxes agree, else 0;
+- ``accept_prob``: sum over tokens of min(p, q), with target p and draft q after the trace's
+  temperature, top-k and top-p. Under greedy decoding it is 1 when both argmaxes agree, else 0;
 - ``draft_max_prob`` and ``draft_entropy`` (nats) of the draft's distribution, computed as the
   decoder computes them (plain softmax under greedy decoding, else after the sampling filters);
 - ``target_gap`` and ``draft_gap``: the top-1 minus top-2 logit of each model, so a

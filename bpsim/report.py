@@ -120,6 +120,7 @@ def evaluation_markdown(evaluation: Evaluation, histogram_paths: list[Path], sco
         lines.append(f"| {family} | {params} | {_number(fit.loglike, 6)} | {_number(fit.aic, 6)} | "
                      f"{_number(fit.bic, 6)} | {_number(fit.chi2)} | {fit.chi2_df if fit.chi2_total else 'n/a'} | "
                      f"{_number(fit.chi2_pvalue, 3)} | {_number(heldout['per_round'])}{_interval(heldout['interval'])} |")
+
     lines += ["", "Chi-square per draft_len (bins pooled to at least 5 expected rounds, df = bins - 1 - fitted "
               "parameters; n/a where df < 1):", "",
               "| family | " + " | ".join(f"draft_len {n}" for n in _lengths(evaluation)) + " |",
@@ -133,6 +134,7 @@ def evaluation_markdown(evaluation: Evaluation, histogram_paths: list[Path], sco
             cells.append("" if test is None else f"{_number(test.statistic)} (df {test.df}, p {_number(test.pvalue, 3)})")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{path.stem}]({path.name})" for path in histogram_paths]
+
     lines += ["", "### Predictors", "",
               "| predictor | expected tokens/ms | at recorded draft_len | hit rate | mean abs error | mean next draft_len |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -142,6 +144,7 @@ def evaluation_markdown(evaluation: Evaluation, histogram_paths: list[Path], sco
                      f"{_number(score.hit_rate, 3)}{_interval(score.intervals.get('hit_rate'), 3)} | "
                      f"{_number(score.mae, 3)}{_interval(score.intervals.get('mae'), 3)} | "
                      f"{_number(score.mean_next_draft_len, 3)} |")
+
     references = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in evaluation.references.items())
     lines += ["", f"Reference speeds (tokens/ms): {references}.", "",
               f"Winner by expected speed: **{evaluation.winner.name}**.", "", f"![scores]({score_path.name})", ""]

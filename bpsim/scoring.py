@@ -29,7 +29,7 @@ METRICS = ("hit_rate", "mae", "speed", "speed_recorded_len")
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """What expected speed assumes beyond the latency model."""
+    """The assumptions of expected speed beyond the latency model."""
 
     latency: LatencyModel
     bonus_guess_rate: float  # probability the draft's own next token equals the target's bonus token
@@ -55,10 +55,10 @@ def expected_round_stats(rounds: Rounds, predicted: np.ndarray, used_len: np.nda
     min(a, u) when u <= n or a < n, because the target judges the same drafts in the same order.
     When u > n and a == n the trace does not say how the extra drafts fare, so they follow the
     capped geometric with ``per_token_rate`` (an estimate). ``kept`` is the probability that the
-    round's prediction, capped at u, matches and its branch token is guessed: the recorded
-    second-best match at a real rejection, 1 or 0 when the branch lies inside the recorded
-    drafts (the draft's next token is known to be accepted or rejected there), and
-    ``bonus_guess_rate`` when the branch is past them.
+    round's prediction, capped at u, matches and its branch token is guessed. At a real rejection
+    the guess is the recorded second-best match. Inside the recorded drafts it is 1 or 0, because
+    the draft's next token there is known to be accepted or rejected. Past them it is
+    ``bonus_guess_rate``.
     """
     n, a = rounds.draft_len, rounds.accepted
     u = np.asarray(used_len, dtype=np.int64)
@@ -89,8 +89,8 @@ def expected_round_stats(rounds: Rounds, predicted: np.ndarray, used_len: np.nda
 def expected_round_ms(rounds: Rounds, used_len: np.ndarray, kept: np.ndarray, latency: LatencyModel) -> np.ndarray:
     """Return the modelled wall time of each round.
 
-    Each round costs its drafting and verification; a round pays ``predraft_overhead_ms`` when it
-    pre-drafts the next round of its request, and a kept pre-draft from the previous round hides
+    Each round costs its drafting and verification. A round pays ``predraft_overhead_ms`` when it
+    pre-drafts the next round of its request. A kept pre-draft from the previous round hides
     ``predraft_overlap * min(draft_ms(u), previous verify_ms)`` of this round's drafting.
     """
     u = np.asarray(used_len, dtype=np.int64)

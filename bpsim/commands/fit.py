@@ -1,7 +1,7 @@
 """``bpsim fit TRACES... --out DIR``: fit every family, score every predictor and name the winner.
 
-The output folder holds ``report.md`` with its plots and ``summary.json``. The summary names the
-winner by expected speed and holds every predictor's ``to_config()``, so
+The output folder contains ``report.md`` with its plots and ``summary.json``. The summary names the
+winner by expected speed and stores every predictor's ``to_config()``, so
 ``bpsim.predictors.predictor_from_config`` can rebuild any of them.
 """
 

@@ -85,7 +85,7 @@ class DistributionPredictor(Predictor):
 
     @abc.abstractmethod
     def family_params(self) -> dict:
-        """The family's own JSON-safe parameters."""
+        """Return the family's own JSON-safe parameters."""
 
     def params(self) -> dict:
         params = {"latency": self.latency.to_dict(), "max_draft_len": self.max_draft_len,

@@ -5,7 +5,7 @@ Families, after the branch predictors of CPUs and the draft-length rules of othe
 - ``last-value``: the previous round's accepted count.
 - ``exp-average``: an exponential moving average of accepted counts, rounded.
 - ``saturating-counter``: a ``bits``-bit counter that counts up after a fully accepted round and
-  down otherwise; while it is in its upper half the guess is "all accepted", else the last
+  down otherwise. While it is in its upper half the guess is "all accepted", else the last
   count below draft_len.
 - ``two-level``: a pattern-history table indexed by the last ``history`` outcomes (an outcome is
   "all accepted" or the accepted count, capped at ``max_symbol``); each entry counts the outcomes
@@ -210,7 +210,7 @@ class TwoLevelPredictor(HistoryPredictor):
     """A pattern-history table over the last ``history`` outcomes.
 
     Outcome symbols are 0..max_symbol for a partial count (capped) and ``max_symbol + 1`` for "all
-    accepted"; a pattern is the comma-joined symbols, oldest first, with -1 for rounds before the
+    accepted". A pattern is the comma-joined symbols, oldest first, with -1 for rounds before the
     request began. ``table`` maps a pattern to the counts of the symbol that followed it.
     """
 
@@ -262,7 +262,7 @@ class TwoLevelPredictor(HistoryPredictor):
             ) -> "TwoLevelPredictor":
         """Count, over recorded rounds, which outcome followed each pattern; return the fitted predictor.
 
-        ``common`` holds the draft-length options (``draft_len``, ``max_draft_len``, ``length_rule``).
+        ``common`` contains the draft-length options (``draft_len``, ``max_draft_len``, ``length_rule``).
         """
         learner = cls(history=history, max_symbol=max_symbol, **common)
         learner.reset()
