@@ -279,7 +279,7 @@ def held_out_table(summary: dict):
 
 
 def heldout_replay(fit_dir: Path, summary: dict, device: str = "auto", bootstrap: int = 1000, seed: int = 0,
-                   recompute: bool = False) -> dict:
+                   recompute: bool = False, threads: int | None = None) -> dict:
     """Return the replay of every candidate on the held-out requests, computing and keeping it when needed."""
     from bpsim.replay import replay
 
@@ -294,7 +294,7 @@ def heldout_replay(fit_dir: Path, summary: dict, device: str = "auto", bootstrap
         logger.info("%s was computed for another fit; replaying again", path)
     table, held_out = held_out_table(summary)
     predictors = [predictor_from_config(config) for config in configs]
-    result = replay(table, predictors, device=device, bootstrap=bootstrap, seed=seed)
+    result = replay(table, predictors, device=device, bootstrap=bootstrap, seed=seed, threads=threads)
     data = {**result.to_dict(), "summary_created_at": summary.get("created_at"), "candidate_configs": configs,
             "held_out": held_out, "held_out_request_labels": list(table.request_labels)}
     write_text(path, json.dumps(data, indent=1, allow_nan=False))
@@ -338,13 +338,14 @@ def _interval(policy: dict, key: str):
 
 
 def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bootstrap: int = 1000, seed: int = 0,
-                  recompute: bool = False) -> ExportedPredictor:
+                  recompute: bool = False, threads: int | None = None) -> ExportedPredictor:
     """Pick the candidate with the best replayed tokens/s on held-out requests and write it to ``out``."""
     from bpsim.replay_steppers import max_draft_len_of
 
     fit_dir, out = Path(fit_dir), Path(out)
     summary = read_summary(fit_dir)
-    data = heldout_replay(fit_dir, summary, device=device, bootstrap=bootstrap, seed=seed, recompute=recompute)
+    data = heldout_replay(fit_dir, summary, device=device, bootstrap=bootstrap, seed=seed, recompute=recompute,
+                          threads=threads)
     predicted = [policy for policy in data["policies"] if policy["kind"] == "predicted"]
     if not predicted:
         raise ExportError(f"{fit_dir / HELDOUT_REPLAY} contains no predictor; replay again with --recompute")

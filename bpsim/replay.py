@@ -31,6 +31,7 @@ end-of-sequence token is not counted.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -53,6 +54,10 @@ DEFAULT_DRAFT_LENS = tuple(range(1, 9))
 DEFAULT_SAMPLES = 16  # draws per request when the outcomes are probabilities
 DEFAULT_BOOTSTRAP = 1000
 ACTIVE_CHECK_EVERY = 16  # rounds between host-side checks that some lane is still decoding
+# Intra-op threads of a CPU replay. Its per-round tensors are small, and on a 2-core machine
+# shared with a busy process torch 2.13's two-thread kernels took milliseconds per call where
+# one thread took microseconds (analysis/bench_replay.py, docs/replay-benchmark.md).
+DEFAULT_CPU_THREADS = 1
 MAX_LANE_STATE = 1 << 24  # float64 values of predictor state held at once before lanes run in chunks
 
 
@@ -70,6 +75,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ReplayError(f"device {device} is not supported; use auto, cpu or cuda")
     return device
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """Run the block with ``torch.set_num_threads(threads)`` and restore the previous count after."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ReplayError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Costs:
@@ -123,10 +144,11 @@ def _features(batch: ReplayBatch, row: torch.Tensor, pos: torch.Tensor, n: torch
     width = max(stepper.draft_len_bound, 1)
     offsets = torch.arange(width, device=pos.device)[None, :]
     column = torch.clamp(pos[:, None] + offsets, max=batch.width - 1)  # (lanes, width)
+    flat = row[:, None] * batch.width + column  # torch.take on a flat index gathers faster than [row, column]
     inside = offsets < n[:, None]
     nan = torch.tensor(float("nan"), device=pos.device)
-    probs = torch.where(inside, batch.draft_max_prob[row[:, None], column], nan)
-    entropy = torch.where(inside, batch.draft_entropy[row[:, None], column], nan)
+    probs = torch.where(inside, torch.take(batch.draft_max_prob, flat), nan)
+    entropy = torch.where(inside, torch.take(batch.draft_entropy, flat), nan)
     return StepFeatures(n, pos, ctx, probs, entropy)
 
 
@@ -257,7 +279,8 @@ def simulate_oracle(batch: ReplayBatch, latency: LatencyModel, max_draft_len: in
         accepted = torch.minimum(batch.run[:, s][:, None], n)
         ctx = (batch.prompt_len + s)[:, None]
         verify = costs.verify_ms(n + 1, ctx)  # (rows, options)
-        after = best[row[:, None], torch.clamp(s + accepted + 1, max=width), n]  # (rows, options)
+        following = torch.clamp(s + accepted + 1, max=width)  # (rows, options)
+        after = torch.take(best, (row[:, None] * (width + 1) + following) * options + n)  # T[s + a + 1, n]
         own = costs.draft_ms(n)  # (rows, options)
         # Previous round drafted k: its verification window hides part of this round's drafting.
         window = costs.verify_ms(choice_n[None, :, None] + 1, ctx[:, :, None])  # (rows, k, 1)
@@ -537,7 +560,7 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
            draft_lens=DEFAULT_DRAFT_LENS, exhaustive_widths=(), first_draft_len: int | None = None,
            oracle: bool = True, device: str | torch.device = "auto", samples: int | None = None,
            bootstrap: int = DEFAULT_BOOTSTRAP, confidence: float = 0.95, seed: int = 0,
-           vectorised: bool = True) -> ReplayResult:
+           vectorised: bool = True, threads: int | None = None) -> ReplayResult:
     """Replay target-only, plain speculative decoding at each of ``draft_lens``, every predictor, the
     exhaustive strategy at each of ``exhaustive_widths`` for every predictor, and the oracle.
 
@@ -546,7 +569,19 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
     ``replay_steppers.first_draft_len``). ``samples`` draws per request apply when outcomes are
     probabilities (default 16; exact tables use 1). Intervals come from ``bootstrap`` resamples of
     whole requests. ``vectorised=False`` steps predictors one lane at a time (for checking).
+    ``threads`` sets torch's intra-op threads for a CPU replay (default ``DEFAULT_CPU_THREADS``).
     """
+    device = resolve_device(device)
+    if threads is None and device.type == "cpu":
+        threads = DEFAULT_CPU_THREADS
+    with intra_op_threads(threads):
+        return _replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=exhaustive_widths,
+                       first_draft_len=first_draft_len, oracle=oracle, device=device, samples=samples,
+                       bootstrap=bootstrap, confidence=confidence, seed=seed, vectorised=vectorised)
+
+
+def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_draft_len, oracle, device, samples,
+            bootstrap, confidence, seed, vectorised) -> ReplayResult:
     started = time.perf_counter()
     latency = latency or table.latency
     if latency is None:
@@ -559,7 +594,6 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
             raise ReplayError(f"exhaustive widths must be >= 1, or 0 for every branch point; got {width}")
     if not 0 < confidence < 1:
         raise ReplayError(f"confidence must lie in (0, 1), got {confidence}")
-    device = resolve_device(device)
     samples = samples or (1 if table.exact else DEFAULT_SAMPLES)
     batch = realize(table, samples=samples, seed=seed, device=device)
     predictors = list(predictors)

@@ -38,6 +38,7 @@ from bpsim.latency import LatencyModel, fit_from_table
 logger = logging.getLogger(__name__)
 
 PROFILE_SUFFIX = ".profile.parquet"
+PROFILE_VERSION = 1  # the newest ``profile_version`` (bpsim.profile metadata) this reader understands
 PROFILE_COLUMNS = ("request_id", "tokens", "match", "second_match")
 METADATA_KEY = b"bpsim"
 
@@ -297,6 +298,10 @@ def profile_outcomes(path: Path) -> dict:
     if table.num_rows == 0:
         raise ReplayInputError(f"profile {path} contains no requests; profile a trace with at least one request")
     metadata = _metadata(table)
+    version = metadata.get("profile_version", PROFILE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > PROFILE_VERSION:
+        raise ReplayInputError(f"{path} has profile_version {version!r}, but this bpsim reads version "
+                               f"{PROFILE_VERSION}; upgrade bpsim or profile the trace again with this version")
     mode = sampling_mode(metadata)
     rows = table.num_rows
     length = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -299,15 +299,16 @@ class TwoLevelStepper(HistoryStepper):
         return (predictor.max_symbol + 3) ** predictor.history * (predictor.max_symbol + 2)
 
     def guess(self, n):
-        counts = self.table[self.lane_index, self.pattern]  # (lanes, outcomes)
+        entry = self.lane_index * self.patterns + self.pattern  # (lanes,) row of the flattened table
+        counts = self.table.view(-1, self.outcomes).index_select(0, entry)  # (lanes, outcomes)
         best = torch.argmax(counts, dim=1)  # first maximum, as np.argmax
         empty = counts.amax(dim=1) == 0
         return torch.where(empty | (best == self.max_symbol + 1), n, best)
 
     def update(self, accepted, draft_len, active):
         symbol = torch.where(accepted >= draft_len, self.max_symbol + 1, torch.clamp(accepted, max=self.max_symbol))
-        lanes = self.lane_index[active]
-        self.table[lanes, self.pattern[active], symbol[active]] += 1.0
+        cell = (self.lane_index * self.patterns + self.pattern) * self.outcomes + symbol  # (lanes,)
+        self.table.view(-1).index_add_(0, cell[active], torch.ones_like(cell[active], dtype=self.table.dtype))
         shifted = (self.pattern % (self.base ** (self.history - 1))) * self.base + (symbol + 1)
         self.pattern = torch.where(active, shifted, self.pattern)
 

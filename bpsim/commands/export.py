@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the replay's draws and bootstrap (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="torch device of the replay (default auto: CUDA when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of a CPU replay (default 1; its per-round tensors are small)")
     parser.set_defaults(run=run)
 
 
@@ -30,7 +32,7 @@ def run(args) -> int:
     if args.out.exists() and not args.force:
         raise BpsimError(f"{args.out} already exists; pass --force to overwrite it or choose another --out")
     exported = export_winner(args.fit_dir, args.out, device=args.device, bootstrap=args.bootstrap, seed=args.seed,
-                             recompute=args.recompute)
+                             recompute=args.recompute, threads=args.threads)
     expected = exported.expected
     speedup = expected["speedup_vs_target"]
     versus_plain = expected["speedup_vs_best_plain"]

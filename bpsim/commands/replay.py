@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws and the bootstrap (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="torch device of the simulation (default auto: CUDA when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of a CPU replay (default 1; its per-round tensors are small)")
     parser.add_argument("--out", type=Path, default=None, help="folder to write replay.json and replay.md into")
     parser.set_defaults(run=run)
 
@@ -163,7 +165,7 @@ def run(args) -> int:
 
     result = replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=widths,
                     first_draft_len=args.first_draft_len, device=args.device, samples=args.samples,
-                    bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed)
+                    bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed, threads=args.threads)
     print(latency.describe())
     print()
     print(result.format_table())
