@@ -1,0 +1,134 @@
+"""``bpsim pipeline``: record -> profile -> fit -> replay -> export -> bench in one run folder.
+
+Each stage is the stage's own command, run with the folder's paths, so the pipeline adds no
+second implementation of any stage. A stage whose output already exists is skipped, so an
+interrupted pipeline resumes where it stopped when run again with the same ``--out``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from bpsim.atomic import write_text
+from bpsim.errors import BpsimError
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineError(BpsimError, RuntimeError):
+    """A stage of the pipeline failed; the message names the stage and its output folder."""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("pipeline", help="run every stage on one suite into one run folder")
+    parser.add_argument("--suite", default="mt-bench", help="prompt suite: mt-bench, humaneval or a JSONL file (default mt-bench)")
+    parser.add_argument("--limit", type=int, default=24, help="prompts recorded for fitting (default 24)")
+    parser.add_argument("--bench-limit", type=int, default=8,
+                        help="prompts decoded live by the bench, taken after the recorded ones (default 8)")
+    parser.add_argument("--draft-len", type=int, default=4, help="draft_len of the recorded speculative trace (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per request (default 128)")
+    parser.add_argument("--target", default=None, help="target model (default: the built-in smollm2-135m)")
+    parser.add_argument("--draft", default=None, help="draft model (default: the shipped smollm2-135m-draft4)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for recording (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run folder (default runs/pipeline)")
+    parser.add_argument("--skip-bench", action="store_true", help="stop after export (the bench is the slowest stage)")
+    parser.set_defaults(run=run)
+
+
+def _stage(name: str, output: Path, argv: list[str], timings: dict) -> None:
+    """Run one stage command unless ``output`` exists; raise if it fails."""
+    from bpsim.cli import main
+
+    if output.exists():
+        logger.info("stage %s: %s exists, skipped", name, output)
+        timings[name] = "skipped (output existed)"
+        return
+    logger.info("stage %s: bpsim %s", name, " ".join(argv))
+    started = time.perf_counter()
+    code = main(argv)
+    if code != 0:
+        raise PipelineError(f"stage {name} failed with exit code {code} (command: bpsim {' '.join(argv)}); "
+                            f"fix the error above and rerun the pipeline with the same --out to resume")
+    timings[name] = f"{time.perf_counter() - started:.1f} s"
+
+
+def run(args) -> int:
+    out: Path = args.out
+    traces = out / "traces"
+    traces.mkdir(parents=True, exist_ok=True)
+    models = []
+    if args.target:
+        models += ["--target", args.target]
+    if args.draft:
+        models += ["--draft", args.draft]
+    common = ["--device", args.device, "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    spec = traces / f"greedy-k{args.draft_len}.parquet"
+    target_only = traces / "greedy-target.parquet"
+    profile = traces / f"greedy-k{args.draft_len}.profile.parquet"
+    timings: dict[str, str] = {}
+
+    # 1. Record a speculative trace, and a shorter target-only one so the latency model sees
+    #    verify passes of two lengths.
+    _stage("record", spec, ["record", "--suite", args.suite, "--limit", str(args.limit), "--draft-len",
+                            str(args.draft_len), *models, *common, "--out", str(spec)], timings)
+    _stage("record target-only", target_only,
+           ["record", "--suite", args.suite, "--limit", str(max(1, args.limit // 4)), "--target-only", *models,
+            *common, "--out", str(target_only)], timings)
+    # 2. Profile: teacher-forced acceptance per position, for exact greedy replay at any draft_len.
+    _stage("profile", profile, ["profile", str(spec), "--device", args.device, "--out", str(profile)], timings)
+    # 3. Fit every predictor family on a split by request.
+    _stage("fit", out / "fit" / "summary.json", ["fit", str(spec), "--out", str(out / "fit"), "--seed", str(args.seed)],
+           timings)
+    # 4. Replay every policy on the profile with the recorded costs.
+    _stage("replay", out / "replay" / "replay.json",
+           ["replay", str(profile), str(target_only), "--device", args.device, "--seed", str(args.seed),
+            "--config", str(out / "fit" / "summary.json"), "--out", str(out / "replay")], timings)
+    # 5. Export the predictor with the best replayed speed on held-out requests.
+    predictor = out / "predictor.json"
+    _stage("export", predictor, ["export", str(out / "fit"), "--out", str(predictor), "--seed", str(args.seed)], timings)
+    # 6. Bench: every policy live on prompts the fit did not see, interleaved.
+    if not args.skip_bench:
+        _stage("bench", out / "bench" / "bench.json",
+               ["bench", "--config", str(predictor), "--suite", args.suite, "--skip", str(args.limit), "--limit",
+                str(args.bench_limit), *models, *common, "--out", str(out / "bench")], timings)
+    write_text(out / "report.md", _report(out, args, timings))
+    print(f"pipeline finished: {out / 'report.md'}")
+    return 0
+
+
+def _section(title: str, path: Path) -> str:
+    if not path.is_file():
+        return f"## {title}\n\n(not produced: {path.name} is missing)\n"
+    text = path.read_text().strip()
+    # Demote the stage report's own headings under this section.
+    text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    # Image links in the stage report are relative to its own folder.
+    text = re.sub(r"!\[([^\]]*)\]\((?!/|https?:)", rf"![\1]({path.parent.name}/", text)
+    return f"## {title}\n\n{text}\n"
+
+
+def _report(out: Path, args, timings: dict) -> str:
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("run",)}
+    lines = [
+        "# bpsim pipeline report", "",
+        f"Created {created}. Settings: `{json.dumps(settings)}`.", "",
+        "| stage | time |", "| --- | --- |",
+        *[f"| {name} | {value} |" for name, value in timings.items()], "",
+        _section("Fit", out / "fit" / "report.md"),
+        _section("Replay", out / "replay" / "replay.md"),
+        _section("Bench", out / "bench" / "bench.md"),
+    ]
+    predictor = out / "predictor.json"
+    if predictor.is_file():
+        lines += ["## Exported predictor", "", "```json", predictor.read_text().strip()[:4000], "```", ""]
+    return "\n".join(lines)
