@@ -272,8 +272,9 @@ def fit_from_table(table) -> LatencyModel:
 def _drafts_from_predraft(table) -> np.ndarray:
     """Flag the rounds whose drafts came from the previous round's pre-draft hit, (rounds,) bool.
 
-    ``predraft_hit`` belongs to the round whose prediction was checked, so the drafts it saved
-    belong to the next round of the same request. Null (no pre-draft) counts as a miss.
+    ``predraft_hit`` is read as belonging to the round whose prediction was checked, so the
+    drafts it saved belong to the next round of the same request. Null (no pre-draft) counts as
+    a miss. NOTE: no recorder writes pre-drafting rounds yet, so this reading is unchecked.
     """
     hit = np.asarray(table.column("predraft_hit").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
     request = table.column("request_id").to_numpy(zero_copy_only=False)

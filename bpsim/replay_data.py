@@ -416,6 +416,12 @@ def load_acceptance(paths, latency: LatencyModel | None = None) -> AcceptanceTab
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReplayInputError("no traces or profiles given; pass at least one file")
+    # A trace given together with its own profile would count its requests twice; the profile is exact.
+    profiled = {trace_path_of_profile(p) for p in paths if is_profile_path(p)}
+    for path in paths:
+        if path in profiled:
+            logger.info("replaying %s from its profile next to it, which is exact", path)
+    paths = [p for p in paths if p not in profiled]
     parts, traces, pairs = [], [], {}
     for path in paths:
         if is_profile_path(path):

@@ -351,3 +351,27 @@ def test_replay_cli_rejects_unknown_family(tmp_path, capsys):
     trace = write_synthetic(tmp_path / "t.parquet", requests=2, rounds_per_request=5)
     assert main(["replay", str(trace), "--predictor", "no-such-family"]) == 2
     assert "no-such-family" in capsys.readouterr().err
+
+
+def test_trace_with_its_profile_counted_once(tmp_path):
+    trace = write_synthetic(tmp_path / "run.parquet", requests=3, rounds_per_request=4, draft_len=2)
+    recorded = pq.read_table(trace)
+    rows = []
+    for request in range(3):
+        mask = np.asarray(recorded.column("request_id")) == request
+        emitted = int(np.sum(np.asarray(recorded.column("emitted"))[mask]))
+        rows.append({"request_id": request, "tokens": [0] * emitted, "match": [True] * emitted,
+                     "second_match": [False] * emitted})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "run.profile.parquet")
+    acceptance = load_acceptance([trace, tmp_path / "run.profile.parquet"])
+    assert acceptance.requests == 3
+    assert acceptance.exact
+
+
+def test_newer_profile_version_rejected(tmp_path):
+    rows = [{"request_id": 0, "tokens": [1, 2], "match": [True, False], "second_match": [False, True]}]
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({b"bpsim": json.dumps({"profile_version": 5}).encode()})
+    path = tmp_path / "new.profile.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ReplayInputError, match="profile_version 5"):
+        load_acceptance([path], latency=SIMPLE)
