@@ -36,10 +36,11 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bpsim.errors import BpsimError
 from bpsim.latency import LatencyModel
@@ -386,8 +387,10 @@ class PolicyResult:
     totals: LaneTotals | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("totals")
+        data = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "totals"}
+        for name in ("tokens_per_s", "speedup_vs_target", "speedup_vs_best_plain", "hit_rate", "branch_accuracy"):
+            if data[name] is not None:
+                data[name] = asdict(data[name])
         return data
 
 
@@ -560,7 +563,7 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
            draft_lens=DEFAULT_DRAFT_LENS, exhaustive_widths=(), first_draft_len: int | None = None,
            oracle: bool = True, device: str | torch.device = "auto", samples: int | None = None,
            bootstrap: int = DEFAULT_BOOTSTRAP, confidence: float = 0.95, seed: int = 0,
-           vectorised: bool = True, threads: int | None = None) -> ReplayResult:
+           vectorised: bool = True, threads: int | None = None, progress: bool = False) -> ReplayResult:
     """Replay target-only, plain speculative decoding at each of ``draft_lens``, every predictor, the
     exhaustive strategy at each of ``exhaustive_widths`` for every predictor, and the oracle.
 
@@ -570,6 +573,7 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
     probabilities (default 16; exact tables use 1). Intervals come from ``bootstrap`` resamples of
     whole requests. ``vectorised=False`` steps predictors one lane at a time (for checking).
     ``threads`` sets torch's intra-op threads for a CPU replay (default ``DEFAULT_CPU_THREADS``).
+    ``progress`` shows a progress bar over the simulation groups.
     """
     device = resolve_device(device)
     if threads is None and device.type == "cpu":
@@ -577,11 +581,12 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
     with intra_op_threads(threads):
         return _replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=exhaustive_widths,
                        first_draft_len=first_draft_len, oracle=oracle, device=device, samples=samples,
-                       bootstrap=bootstrap, confidence=confidence, seed=seed, vectorised=vectorised)
+                       bootstrap=bootstrap, confidence=confidence, seed=seed, vectorised=vectorised,
+                       progress=progress)
 
 
 def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_draft_len, oracle, device, samples,
-            bootstrap, confidence, seed, vectorised) -> ReplayResult:
+            bootstrap, confidence, seed, vectorised, progress) -> ReplayResult:
     started = time.perf_counter()
     latency = latency or table.latency
     if latency is None:
@@ -598,20 +603,22 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_
     batch = realize(table, samples=samples, seed=seed, device=device)
     predictors = list(predictors)
     runs: list[_Run] = []
-
-    # 1. Target-only and plain speculative decoding: one lane per (draft_len, row).
-    plain_lens = [0, *draft_lens]
-    plain = simulate(batch, latency, len(plain_lens), draft_lens=plain_lens)
-    for n, totals in zip(plain_lens, _split_lanes(plain, len(plain_lens))):
-        runs.append(_Run("target" if n == 0 else f"plain:draft_len={n}", "target" if n == 0 else "plain", totals,
-                         draft_len=n))
-
-    # 2. Predictors (single branch and exhaustive), grouped so that one stepper steps each group.
     jobs = [(predictor, 1) for predictor in predictors]
     jobs += [(predictor, int(width)) for width in exhaustive_widths for predictor in predictors]
     groups: dict[tuple, list[int]] = {}
     for index, (predictor, _) in enumerate(jobs):
         groups.setdefault(stepper_group_key(predictor), []).append(index)
+    bar = tqdm(total=1 + len(groups) + int(oracle), desc="replay", unit="group", disable=not progress)
+
+    # 1. Target-only and plain speculative decoding: one lane per (draft_len, row).
+    plain_lens = [0, *draft_lens]
+    plain = simulate(batch, latency, len(plain_lens), draft_lens=plain_lens)
+    bar.update()
+    for n, totals in zip(plain_lens, _split_lanes(plain, len(plain_lens))):
+        runs.append(_Run("target" if n == 0 else f"plain:draft_len={n}", "target" if n == 0 else "plain", totals,
+                         draft_len=n))
+
+    # 2. Predictors (single branch and exhaustive), grouped so that one stepper steps each group.
     job_totals: dict[int, LaneTotals] = {}
     for indices in groups.values():
         members = [jobs[i][0] for i in indices]
@@ -621,6 +628,7 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_
         for index, totals in zip(indices, _simulate_predictors(batch, latency, members, widths, first, grid_max,
                                                                 vectorised)):
             job_totals[index] = totals
+        bar.update()
     for index, (predictor, width) in enumerate(jobs):
         label = predictor_label(predictor)
         totals = job_totals[index]
@@ -641,6 +649,8 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_
     if oracle:
         ceiling = max([max(draft_lens)] + [run.totals.max_draft_len for run in runs])
         runs.append(_Run(f"oracle:max_draft_len={ceiling}", "oracle", simulate_oracle(batch, latency, ceiling)))
+        bar.update()
+    bar.close()
 
     warnings = []
     for run in runs:

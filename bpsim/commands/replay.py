@@ -165,7 +165,8 @@ def run(args) -> int:
 
     result = replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=widths,
                     first_draft_len=args.first_draft_len, device=args.device, samples=args.samples,
-                    bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed, threads=args.threads)
+                    bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed, threads=args.threads,
+                    progress=sys.stderr.isatty())
     print(latency.describe())
     print()
     print(result.format_table())
