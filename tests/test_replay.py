@@ -375,3 +375,17 @@ def test_newer_profile_version_rejected(tmp_path):
     pq.write_table(table, path)
     with pytest.raises(ReplayInputError, match="profile_version 5"):
         load_acceptance([path], latency=SIMPLE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_replay_matches_cpu():
+    table = random_table(requests=6, seed=4)
+    predictors = [*history_predictors(), CappedGeometricPredictor(rate=0.75, latency=SIMPLE),
+                  HazardGLMPredictor(coefficients=[0.5, 2.0, -0.3, -0.1], mean_features=[0.5, 1.5], latency=SIMPLE)]
+    on_cpu = replay(table, predictors, exhaustive_widths=[2], bootstrap=10, device="cpu")
+    on_cuda = replay(table, predictors, exhaustive_widths=[2], bootstrap=10, device="cuda")
+    assert on_cuda.device.startswith("cuda")
+    for cpu_policy, cuda_policy in zip(on_cpu.policies, on_cuda.policies):
+        assert cuda_policy.name == cpu_policy.name
+        assert cuda_policy.time_s == pytest.approx(cpu_policy.time_s, rel=1e-9), cpu_policy.name
+        assert cuda_policy.hits == cpu_policy.hits, cpu_policy.name
