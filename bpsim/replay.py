@@ -341,8 +341,12 @@ def predictor_label(predictor: Predictor) -> str:
 
     The form is the CLI's ``--predictor`` syntax.
     """
-    defaults = {name: parameter.default for name, parameter in
-                inspect.signature(type(predictor).__init__).parameters.items()}
+    defaults = {}
+    for cls in reversed(type(predictor).__mro__):  # subclasses pass shared parameters up through **kwargs
+        if "__init__" in cls.__dict__:
+            defaults.update({name: parameter.default for name, parameter in
+                             inspect.signature(cls.__init__).parameters.items()
+                             if parameter.default is not inspect.Parameter.empty})
     scalars = [f"{key}={value}" for key, value in predictor.params().items()
                if isinstance(value, (int, float, str)) and not isinstance(value, bool)
                and defaults.get(key, inspect.Parameter.empty) != value]
