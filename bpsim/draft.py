@@ -410,12 +410,12 @@ def per_token_latency(model, prompt_ids: list[int], new_tokens: int = 48) -> flo
 
     device = model.lm_head.weight.device
     cache = DynamicCache()
-    output = model(torch.tensor([prompt_ids], device=device), past_key_values=cache, use_cache=True)
+    output = model(torch.tensor([prompt_ids], device=device), cache=cache, use_cache=True)
     token = output.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(new_tokens):
         start = time.perf_counter()
-        output = model(token, past_key_values=cache, use_cache=True)
+        output = model(token, cache=cache, use_cache=True)
         token = output.logits[:, -1:].argmax(-1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
