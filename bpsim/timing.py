@@ -22,6 +22,7 @@ class ComputeTimer:
         self._start = self._end = None
 
     def __enter__(self) -> "ComputeTimer":
+        # NOTE: the test suite runs on CPU only, so the CUDA branches here are not covered by it.
         if self._cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
