@@ -286,11 +286,15 @@ def _heldout(fit, test: Rounds, resamples: int, seed: int) -> dict:
 
 
 def evaluate(train: Rounds, test: Rounds, held_out: bool = True, label: str = "all", resamples: int = 200,
-             seed: int = 0, families=None) -> Evaluation:
-    """Fit the latency model, every distribution family and every predictor on ``train``; score on ``test``."""
+             seed: int = 0, families=None, latency: LatencyModel | None = None) -> Evaluation:
+    """Fit the latency model, every distribution family and every predictor on ``train``; score on ``test``.
+
+    A ``latency`` model fitted elsewhere (for example with target-only traces added) replaces the
+    one fitted on ``train``.
+    """
     from bpsim.fitting import DISTRIBUTION_FAMILIES, FitError, fit_distribution, has_confidences
 
-    latency = train.latency_model()
+    latency = latency or train.latency_model()
     bonus, correction = train.guess_rates()
     settings = ScoreSettings(latency, bonus, correction, train.per_token_rate())
     drafted = train.draft_len[train.draft_len > 0]

@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from bpsim.cli import main
+from bpsim.commands.fit import fit_traces
+from bpsim.errors import BpsimError
 from bpsim.predictors import predictor_from_config
 from bpsim.synthetic import synthetic_trace, write_synthetic
 
@@ -93,3 +96,19 @@ def test_unknown_stratum_rejected(tmp_path, capsys):
     code, _ = fit(tmp_path, trace, extra=["--stratify", "colour"])
     assert code == 2
     assert "unknown --stratify key colour" in capsys.readouterr().err
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "traces"
+
+
+def test_target_only_trace_informs_latency(tmp_path):
+    summary = fit_traces([SHIPPED / "mt-bench-greedy-k4.parquet", SHIPPED / "mt-bench-greedy-target.parquet"],
+                         tmp_path / "fit", resamples=20)
+    latency = summary["overall"]["latency"]
+    assert "verify_ms_per_token" not in latency["assumed"]
+    assert latency["verify_ms_per_token"] > 0
+
+
+def test_target_only_trace_alone_is_rejected(tmp_path):
+    with pytest.raises(BpsimError, match="no speculative trace"):
+        fit_traces([SHIPPED / "mt-bench-greedy-target.parquet"], tmp_path / "fit")

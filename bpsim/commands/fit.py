@@ -54,8 +54,22 @@ def load_traces(paths: list[Path], pool: bool):
 
     tables = [(str(path), read_trace(path)) for path in paths]
     pairs = {}
+    targets_only = {}
     for source, table in tables:
-        pairs.setdefault(model_pair(trace_metadata(table)), []).append(source)
+        metadata = trace_metadata(table)
+        if metadata.get("draft") is None:
+            # A target-only trace only informs the latency model, so it needs the same target alone.
+            targets_only.setdefault(model_pair({"target": metadata.get("target")}).split(" -> ")[0], []).append(source)
+        else:
+            pairs.setdefault(model_pair(metadata), []).append(source)
+    targets = {pair.split(" -> ")[0] for pair in pairs}
+    for target, sources in targets_only.items():
+        if pairs and target not in targets and not pool:
+            raise BpsimError(f"target-only trace {', '.join(sources)} was recorded with target {target}, but the "
+                             f"speculative traces use {', '.join(sorted(targets))}; drop it or pass --pool")
+    if not pairs:
+        raise BpsimError(f"no speculative trace among {', '.join(map(str, paths))}: target-only traces have no "
+                         "accepted counts to fit; add a trace recorded with --draft-len above 0")
     if len(pairs) > 1 and not pool:
         listing = "; ".join(f"{pair} in {', '.join(sources)}" for pair, sources in pairs.items())
         raise BpsimError(f"the traces come from different model pairs ({listing}); fit them separately, "
@@ -84,19 +98,23 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
     from bpsim.scoring import evaluate
 
     rounds, pairs = load_traces(paths, pool)
+    # Target-only traces add verify timings of single tokens to the latency model and nothing else.
+    latency = rounds.latency_model()
+    rounds = rounds.subset(np.array([not pair.endswith("-> None") for pair in rounds.pair]))
     train, test, held_out = split_by_request(rounds, test_fraction, seed)
-    overall = evaluate(train, test, held_out, "all rounds", resamples, seed)
+    overall = evaluate(train, test, held_out, "all rounds", resamples, seed, latency=latency)
     logger.info("winner by expected speed: %s (%.4f tokens/ms)", overall.winner.name, overall.winner.speed)
     sections = [(overall, train)]
     strata, skipped = {}, {}
     train_strata, test_strata = dict(strata_masks(train, stratify)), dict(strata_masks(test, stratify))
-    for label, _ in strata_masks(rounds, stratify):
+    for label, _ in strata_masks(rounds, stratify) if stratify else ():
         train_mask, test_mask = train_strata.get(label), test_strata.get(label)
         if train_mask is None or test_mask is None:
             skipped[label] = "no rounds in the train or the test split"
             continue
         try:
-            evaluation = evaluate(train.subset(train_mask), test.subset(test_mask), held_out, label, resamples, seed)
+            evaluation = evaluate(train.subset(train_mask), test.subset(test_mask), held_out, label, resamples, seed,
+                                  latency=latency)
         except (FitError, LatencyModelError) as error:
             skipped[label] = str(error)
             logger.warning("stratum %s skipped: %s", label, error)
