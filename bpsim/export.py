@@ -253,7 +253,7 @@ def held_out_table(summary: dict):
 
     The acceptances come from ``X.profile.parquet`` next to each trace when it exists.
     """
-    from bpsim.commands.fit import load_traces
+    from bpsim.commands.fit import drop_target_only, load_traces
     from bpsim.fitting import split_by_request
     from bpsim.replay_data import load_acceptance, trace_path_of_profile
 
@@ -263,6 +263,7 @@ def held_out_table(summary: dict):
         raise ExportError(f"trace {missing[0]} named in summary.json not found; run bpsim export from the folder "
                           "bpsim fit ran in, or fit again")
     rounds, _ = load_traces(paths, pool=bool(summary.get("pooled")))
+    rounds = drop_target_only(rounds)
     _, test, held_out = split_by_request(rounds, float(summary["test_fraction"]), int(summary["seed"]))
     test_names = {str(rounds.request_names[r]) for r in np.unique(test.request)}
     inputs = []

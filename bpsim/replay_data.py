@@ -257,6 +257,11 @@ def model_pair(metadata: dict) -> tuple[str | None, str | None]:
     return name(metadata.get("target")), name(metadata.get("draft"))
 
 
+def _is_target_only(trace: pa.Table) -> bool:
+    """Whether a trace was recorded without a draft (every round has draft_len 0)."""
+    return _metadata(trace).get("draft") is None and not pc.any(pc.greater(trace.column("draft_len"), 0)).as_py()
+
+
 def _read_parquet(path: Path) -> pa.Table:
     if not path.is_file():
         raise ReplayInputError(f"{path} not found; pass a trace (.parquet) or a profile ({PROFILE_SUFFIX})")
@@ -422,7 +427,7 @@ def load_acceptance(paths, latency: LatencyModel | None = None) -> AcceptanceTab
         if path in profiled:
             logger.info("replaying %s from its profile next to it, which is exact", path)
     paths = [p for p in paths if p not in profiled]
-    parts, traces, pairs = [], [], {}
+    parts, traces, pairs, target_only = [], [], {}, {}
     for path in paths:
         if is_profile_path(path):
             part = profile_outcomes(path)
@@ -437,6 +442,11 @@ def load_acceptance(paths, latency: LatencyModel | None = None) -> AcceptanceTab
         else:
             trace = _read_trace(path)
             traces.append(trace)
+            if _is_target_only(trace):
+                # A target-only trace informs the latency model (single-token verify passes) and
+                # holds no acceptance to replay.
+                target_only[str(path)] = model_pair(_metadata(trace))[0]
+                continue
             part = trace_outcomes(trace, str(path))
         if part["prompt_len"] is None:
             part["prompt_len"] = np.zeros(len(part["length"]), dtype=np.int64)
@@ -448,6 +458,14 @@ def load_acceptance(paths, latency: LatencyModel | None = None) -> AcceptanceTab
     if len(set(pairs.values())) > 1:
         listing = "; ".join(f"{path}: target {pair[0]}, draft {pair[1]}" for path, pair in pairs.items())
         raise ReplayInputError(f"the files come from different model pairs ({listing}); replay one pair at a time")
+    if not parts:
+        raise ReplayInputError(f"nothing to replay in {', '.join(map(str, paths))}: target-only traces only time the "
+                               "target; add a speculative trace or its profile")
+    targets = {pair[0] for pair in pairs.values()}
+    for path, target in target_only.items():
+        if target not in targets:
+            raise ReplayInputError(f"target-only trace {path} was recorded with target {target}, but the other files "
+                                   f"use {', '.join(sorted(map(str, targets)))}; replay one target at a time")
     if latency is None:
         if not traces:
             raise ReplayInputError("no trace timings to fit a latency model on; put the trace next to its profile "

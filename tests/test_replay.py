@@ -389,3 +389,15 @@ def test_cuda_replay_matches_cpu():
         assert cuda_policy.name == cpu_policy.name
         assert cuda_policy.time_s == pytest.approx(cpu_policy.time_s, rel=1e-9), cpu_policy.name
         assert cuda_policy.hits == cpu_policy.hits, cpu_policy.name
+
+
+def test_target_only_trace_joins_latency_fit():
+    from pathlib import Path
+
+    from bpsim.replay_data import load_acceptance
+
+    shipped = Path(__file__).resolve().parent.parent / "traces"
+    table = load_acceptance([shipped / "mt-bench-greedy-k4.profile.parquet", shipped / "mt-bench-greedy-target.parquet"])
+    assert len(table.request_labels) == 6
+    assert "verify_ms_per_token" not in table.latency.assumed
+    assert table.latency.verify_ms(5) > table.latency.verify_ms(1)

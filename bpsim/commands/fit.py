@@ -77,6 +77,11 @@ def load_traces(paths: list[Path], pool: bool):
     return Rounds.from_tables(tables), sorted(pairs)
 
 
+def drop_target_only(rounds):
+    """Keep the rounds of speculative traces; target-only traces only inform the latency model."""
+    return rounds.subset(np.array([not pair.endswith("-> None") for pair in rounds.pair], dtype=bool))
+
+
 def strata_masks(rounds, keys: tuple[str, ...]):
     """Yield ``(label, mask)`` for every combination of the stratification keys present in ``rounds``."""
     columns = {"suite": rounds.suite, "draft_len": rounds.draft_len, "mode": rounds.mode}
@@ -100,7 +105,7 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
     rounds, pairs = load_traces(paths, pool)
     # Target-only traces add verify timings of single tokens to the latency model and nothing else.
     latency = rounds.latency_model()
-    rounds = rounds.subset(np.array([not pair.endswith("-> None") for pair in rounds.pair]))
+    rounds = drop_target_only(rounds)
     train, test, held_out = split_by_request(rounds, test_fraction, seed)
     overall = evaluate(train, test, held_out, "all rounds", resamples, seed, latency=latency)
     logger.info("winner by expected speed: %s (%.4f tokens/ms)", overall.winner.name, overall.winner.speed)

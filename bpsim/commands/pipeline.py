@@ -86,7 +86,7 @@ def run(args) -> int:
     # 2. Profile: teacher-forced acceptance per position, for exact greedy replay at any draft_len.
     _stage("profile", profile, ["profile", str(spec), "--device", args.device, "--out", str(profile)], timings)
     # 3. Fit every predictor family on a split by request.
-    _stage("fit", out / "fit" / "summary.json", ["fit", str(spec), "--out", str(out / "fit"), "--seed", str(args.seed)],
+    _stage("fit", out / "fit" / "summary.json", ["fit", str(spec), str(target_only), "--out", str(out / "fit"), "--seed", str(args.seed)],
            timings)
     # 4. Replay every policy on the profile with the recorded costs.
     _stage("replay", out / "replay" / "replay.json",
