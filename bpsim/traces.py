@@ -112,12 +112,12 @@ def check_output(path: Path | str, overwrite: bool = False) -> None:
     if overwrite:
         return
     if path.exists():
-        raise TraceError(f"{path} already exists; pass overwrite=True (--force) to replace it "
-                         "or choose another output path")
+        raise TraceError(f"{path} already exists; choose another output path, or replace it with --force "
+                         "(overwrite=True in Python)")
     if parts_dir(path).exists():
         raise TraceError(f"{parts_dir(path)} contains the parts of an interrupted run writing {path}; "
                          f"merge them with recover_trace({str(path)!r}) (bpsim record --recover --out {path}) "
-                         "or pass overwrite=True (--force) to discard them")
+                         "or discard them with --force (overwrite=True in Python)")
 
 
 class TraceWriter:
@@ -223,7 +223,7 @@ def recover_trace(path: Path | str, overwrite: bool = False) -> Path:
         with atomic_path(path, overwrite=overwrite) as tmp:
             pq.write_table(_with_metadata(table, metadata), tmp)
     except FileExistsError as error:
-        raise TraceError(f"{path} already exists; pass overwrite=True (--force) to replace it with the recovered parts") from error
+        raise TraceError(f"{path} already exists; replace it with the recovered parts using --force (overwrite=True in Python)") from error
     shutil.rmtree(parts_dir(path))
     logger.info("recovered %d rounds of %d requests into %s", table.num_rows, metadata["requests"], path)
     return path
