@@ -136,6 +136,12 @@ class LatencyModel:
         unknown = set(data) - known
         if unknown:
             raise LatencyModelError(f"unknown latency model fields {sorted(unknown)}; expected {sorted(known)}")
+        required = [field.name for field in dataclasses.fields(cls)
+                    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise LatencyModelError(f"the latency model is missing {', '.join(missing)}; "
+                                    f"it needs {', '.join(required)}")
         return cls(**data)
 
     def with_assumptions(self, **values: float) -> "LatencyModel":

@@ -107,6 +107,7 @@ def test_load_rejects_unknown_family(exported):
     (lambda d: d["draft_len_policy"].update(first_draft_len=99), "first_draft_len <= max_draft_len"),
     (lambda d: d["draft_len_policy"].update(first_draft_len="4"), "'first_draft_len' must be an integer"),
     (lambda d: d["latency"].update(verify_base_ms=-1.0), "'latency' is not a valid latency model"),
+    (lambda d: d["latency"].pop("verify_base_ms"), "the latency model is missing verify_base_ms;"),
     (lambda d: d["expected"].update(speedup_vs_target=[1.0, 2.0, 3.0]), "low <= value <= high"),
     (lambda d: d["expected"].update(mode="guess"), "'mode' must be 'exact' or 'approximate'"),
     (lambda d: d["fitted_on"].update(traces=[]), "'traces' is empty"),

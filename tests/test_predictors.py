@@ -228,6 +228,8 @@ def test_hazard_pmf_matches_product_form():
     ({"version": 1, "family": "exp-average", "params": {"alpha": 0}}, "alpha"),
     ({"version": 1, "family": "empirical", "params": {"counts": {"2": [1, 2]}, "latency": LATENCY.to_dict()}},
      "counts"),
+    ({"version": 1, "family": "binomial", "params": {"latency": LATENCY.to_dict()}},
+     r"'binomial' is missing parameter p .*re-export it with bpsim export"),
 ])
 def test_invalid_config_rejected(config, message):
     with pytest.raises(PredictorConfigError, match=message):

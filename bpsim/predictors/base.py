@@ -8,6 +8,7 @@ the branch point that pre-drafting starts from and sets the next round's ``draft
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -134,7 +135,17 @@ def predictor_from_config(config: dict) -> Predictor:
     family = config.get("family")
     if family not in Predictor.registry:
         raise PredictorConfigError(f"unknown predictor family {family!r}; known: {', '.join(sorted(Predictor.registry))}")
+    predictor_class = Predictor.registry[family]
+    params = config.get("params", {})
+    required = [name for name, parameter in inspect.signature(predictor_class).parameters.items()
+                if parameter.default is inspect.Parameter.empty
+                and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    missing = [name for name in required if name not in params]
+    if missing:
+        raise PredictorConfigError(f"predictor family {family!r} is missing parameter {', '.join(missing)} "
+                                   f"(it needs {', '.join(required)}); re-export it with bpsim export")
     try:
-        return Predictor.registry[family](**config.get("params", {}))
+        return predictor_class(**params)
     except (TypeError, ValueError) as error:
-        raise PredictorConfigError(f"invalid parameters for predictor family {family!r}: {error}") from error
+        raise PredictorConfigError(f"invalid parameters for predictor family {family!r}: {error}; "
+                                   "re-export it with bpsim export") from error
