@@ -168,6 +168,12 @@ def _load_builtin_draft(name, target: LoadedModel, device, dtype):
     folder = DRAFTS_DIR / name
     if not (folder / "model.safetensors").is_file():
         layers = _DRAFT_NAME.match(name).group(1)
+        if not 1 <= int(layers) < target.num_layers:
+            raise ModelLoadError(
+                f"draft {name!r} is invalid: a draft of {BUILTIN_TARGET!r} has between 1 and "
+                f"{target.num_layers - 1} layers, got {int(layers)}; pass --draft {SHIPPED_DRAFT} or build "
+                "another depth with bpsim draft build --layers N"
+            )
         raise ModelLoadError(
             f"draft {name!r} is not built; build it with: bpsim draft build --layers {layers} "
             f"(it writes {folder})"

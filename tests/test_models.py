@@ -122,6 +122,8 @@ def test_load_pair_rejects_larger_draft_vocab(builtin_target, tmp_path):
 @pytest.mark.parametrize("name, expected", [
     ("no-such-model-xyz", "cannot load model"),
     ("smollm2-135m-draft9", "not built; build it with: bpsim draft build --layers 9"),
+    ("smollm2-135m-draft0", "has between 1 and 29 layers, got 0; pass --draft smollm2-135m-draft4"),
+    ("smollm2-135m-draft30", "has between 1 and 29 layers, got 30;"),
 ])
 def test_unknown_draft_names_fail_clearly(name, expected):
     with pytest.raises(ModelLoadError, match=expected):
