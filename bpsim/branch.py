@@ -224,6 +224,11 @@ class BranchPredictedDecoder(SpeculativeDecoder):
                     on_round(record)
         return Generation(tuple(ids[prompt_len:]), tuple(rounds), prompt_len, prefill_timer.ms, stop_reason)
 
+    def _alone(self):
+        """Context in which work with nothing running beside it may use every CPU thread."""
+        alone = getattr(self.backend, "alone", None)
+        return alone() if alone is not None else contextlib.nullcontext()
+
     def _branch_round(self, target: CachedModel, draft_model: CachedModel | None, ids: list[int], prompt_len: int,
                       round_index: int, draft_len: int, ready: Drafts | None, generators: _Generators):
         """Run one round, extending ``ids`` in place.
@@ -241,7 +246,7 @@ class BranchPredictedDecoder(SpeculativeDecoder):
             if ready is not None:
                 drafts = ready
             elif draft_len > 0:
-                with ComputeTimer(self.device) as draft_timer:
+                with self._alone(), ComputeTimer(self.device) as draft_timer:
                     drafts = draft(draft_model, ids, draft_len, sampling, generators.draft)
             else:
                 drafts = no_drafts(self.device)
@@ -267,7 +272,8 @@ class BranchPredictedDecoder(SpeculativeDecoder):
                     lambda cancel: run_predraft(draft_model, plan, sampling, predraft_generator, cancel),
                     verify_drafts, draft_model)
             else:
-                (target_logits, verify_timer), pending = verify_drafts(), None
+                with self._alone():
+                    (target_logits, verify_timer), pending = verify_drafts(), None
 
             # 4. Accept the longest acceptable prefix and add the target's own token.
             verdict, token = accept(drafts, target_logits, sampling, generators.accept)

@@ -437,12 +437,29 @@ class ThreadBackend:
     @contextlib.contextmanager
     def session(self):
         previous = torch.get_num_threads()
+        self.session_threads = previous
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         try:
             yield
         finally:
             torch.set_num_threads(previous)
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Give work that runs with no pre-draft beside it every thread the session started with.
+
+        Without this, a round that drafts or verifies alone (draft_len 0, or drafting after a
+        miss) would run on ``threads_per_model`` threads and leave cores idle.
+        """
+        if self.threads is None:
+            yield
+            return
+        torch.set_num_threads(getattr(self, "session_threads", self.threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
 
     def _job(self, predraft: Callable, cancel: threading.Event) -> PredraftOutput:
         # A thread takes torch's intra-op thread count when it first runs an operation, so set it
