@@ -9,6 +9,12 @@ import tempfile
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str, overwrite: bool = True):
     """Yield a temporary path next to ``path`` and rename it onto ``path`` on success."""
@@ -20,6 +26,8 @@ def atomic_path(path: Path | str, overwrite: bool = True):
     os.close(handle)
     try:
         yield Path(tmp)
+        # mkstemp creates the file with mode 0600, so set the mode that a plain open() would give.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -34,6 +42,8 @@ def atomic_dir(path: Path | str):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        # mkdtemp creates the folder with mode 0700, so set the mode that a plain mkdir() would give.
+        os.chmod(tmp, 0o777 & ~_current_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
