@@ -407,6 +407,9 @@ def trace_outcomes(table: pa.Table, source: str) -> dict:
                          np.nanmean(entropies[known]) if known.any() else np.nan, entropies)
     approximation = (f"rebuilt from trace rounds: {unknown_share:.1%} of positions (bonus tokens and "
                      f"target-only rounds) were never judged and use the trace's acceptance rate {rate:.3f}")
+    if sampling_mode(_metadata(table)) == "sample":
+        approximation += ("; sampling-mode trace: the recorded verdicts are one draw, kept as if they were "
+                          "fixed outcomes")
     return {"request_id": request[starts], "length": length, "prompt_len": prompt_len, "match_prob": match,
             "second_prob": second, "draft_max_prob": probs, "draft_entropy": entropies,
             "approximation": approximation, "metadata": _metadata(table)}
