@@ -47,6 +47,15 @@ def test_different_pairs_rejected_unless_pooled(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["pooled"] is True
 
 
+def test_empty_trace_rejected_by_name(tmp_path, capsys):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(synthetic_trace(requests=2, rounds_per_request=5).slice(0, 0), path)
+    code, out = fit(tmp_path, path)
+    assert code == 2
+    assert f"trace {path} contains no rounds" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("column, value", [("draft_ms", float("nan")), ("verify_ms", -1.0)])
 def test_bad_latency_rejected_with_row(tmp_path, capsys, column, value):
     table = synthetic_trace(requests=2, rounds_per_request=5)

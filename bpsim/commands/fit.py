@@ -56,6 +56,8 @@ def load_traces(paths: list[Path], pool: bool):
     pairs = {}
     targets_only = {}
     for source, table in tables:
+        if table.num_rows == 0:
+            raise BpsimError(f"trace {source} contains no rounds; record at least one request before fitting it")
         metadata = trace_metadata(table)
         if metadata.get("draft") is None:
             # A target-only trace only informs the latency model, so it needs the same target alone.
