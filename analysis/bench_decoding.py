@@ -28,11 +28,11 @@ from bpsim.prompts import encode_prompt, load_suite
 from bpsim.traces import TraceWriter
 
 
-def bootstrap_ratio(numerator: np.ndarray, denominator: np.ndarray, resamples: int = 2000, seed: int = 0):
-    """95% interval of sum(numerator)/sum(denominator) resampling prompts."""
+def bootstrap_speed_ratio(tokens, seconds, base_tokens, base_seconds, resamples: int = 2000, seed: int = 0):
+    """95% interval of a policy's tokens/s over the target-only tokens/s, resampling prompts in pairs."""
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(numerator), size=(resamples, len(numerator)))
-    ratios = numerator[index].sum(1) / denominator[index].sum(1)
+    index = rng.integers(0, len(tokens), size=(resamples, len(tokens)))
+    ratios = (tokens[index].sum(1) / seconds[index].sum(1)) / (base_tokens[index].sum(1) / base_seconds[index].sum(1))
     return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--draft-lens", default="1,2,4", help="speculative draft_len values to compare")
     parser.add_argument("--record-draft-len", type=int, default=4, help="draft_len of the recorder overhead pair")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every policy on every prompt")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
 
@@ -75,20 +76,26 @@ def main() -> None:
 
     for index, prompt in enumerate(prompts):
         ids = encode_prompt(pair.tokenizer, prompt)
-        order = policies[index % len(policies):] + policies[: index % len(policies)]
-        for name in order:
-            count, elapsed = run_policy(name, ids, index)
-            tokens[name].append(count)
-            seconds[name].append(elapsed)
+        counts = {name: 0 for name in policies}
+        elapsed = {name: 0.0 for name in policies}
+        for repeat in range(args.repeats):
+            shift = (index + repeat) % len(policies)
+            for name in policies[shift:] + policies[:shift]:
+                count, took = run_policy(name, ids, index)
+                counts[name] += count
+                elapsed[name] += took
+        for name in policies:
+            tokens[name].append(counts[name])
+            seconds[name].append(elapsed[name])
         print(f"prompt {index + 1}/{len(prompts)} done", flush=True)
 
     results = {}
-    base_tokens, base_seconds = np.array(tokens["target-only"]), np.array(seconds["target-only"])
+    base_tokens = np.array(tokens["target-only"], dtype=float)
+    base_seconds = np.array(seconds["target-only"], dtype=float)
     for name in policies:
         t, s = np.array(tokens[name], dtype=float), np.array(seconds[name], dtype=float)
         speed = t.sum() / s.sum()
-        # speed ratio = (t/s) / (bt/bs) = (t * bs) / (s * bt), resampled over prompts
-        low, high = bootstrap_ratio(t * base_seconds.sum() / base_tokens.sum(), s)
+        low, high = bootstrap_speed_ratio(t, s, base_tokens, base_seconds)
         results[name] = {"tokens": int(t.sum()), "seconds": float(s.sum()), "tokens_per_s": float(speed),
                          "vs_target_only": float(speed / (base_tokens.sum() / base_seconds.sum())),
                          "vs_target_only_interval": [low, high]}
