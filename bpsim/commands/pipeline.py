@@ -110,7 +110,7 @@ def _section(title: str, path: Path) -> str:
         return f"## {title}\n\n(not produced: {path.name} is missing)\n"
     text = path.read_text().strip()
     # Demote the stage report's own headings under this section.
-    text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    text = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
     # Image links in the stage report are relative to its own folder.
     text = re.sub(r"!\[([^\]]*)\]\((?!/|https?:)", rf"![\1]({path.parent.name}/", text)
     return f"## {title}\n\n{text}\n"

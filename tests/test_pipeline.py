@@ -1,0 +1,47 @@
+"""The pipeline's report assembly and its resume rule, without running the models."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bpsim.commands import pipeline
+
+
+def test_section_demotes_headings_and_rebases_images(tmp_path):
+    report = tmp_path / "fit" / "report.md"
+    report.parent.mkdir()
+    report.write_text("# Fits\n\ntext\n\n![plot](histogram.png)\n![abs](/abs.png)\n")
+    section = pipeline._section("Fit", report)
+    assert section.startswith("## Fit\n")
+    assert "\n### Fits\n" in section
+    assert "![plot](fit/histogram.png)" in section
+    assert "![abs](/abs.png)" in section
+
+
+def test_section_names_missing_report(tmp_path):
+    assert "report.md is missing" in pipeline._section("Fit", tmp_path / "report.md")
+
+
+def test_stage_skips_existing_output(tmp_path, monkeypatch):
+    output = tmp_path / "done.json"
+    output.write_text("{}")
+    calls = []
+    monkeypatch.setattr("bpsim.cli.main", lambda argv: calls.append(argv) or 0)
+    timings = {}
+    pipeline._stage("fit", output, ["fit"], timings)
+    assert calls == []
+    assert timings["fit"].startswith("skipped")
+
+
+def test_stage_failure_names_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr("bpsim.cli.main", lambda argv: 2)
+    with pytest.raises(pipeline.PipelineError, match="stage record failed with exit code 2"):
+        pipeline._stage("record", tmp_path / "missing.parquet", ["record"], {})
+
+
+def test_report_lists_stage_times(tmp_path):
+    args = SimpleNamespace(out=Path(tmp_path), suite="mt-bench", limit=2, run=None)
+    text = pipeline._report(tmp_path, args, {"record": "1.0 s"})
+    assert "| record | 1.0 s |" in text
+    assert "## Bench" in text
