@@ -1,0 +1,101 @@
+"""Replay two of the method's experiments on recorded profiles and write a table and a plot.
+
+1. The effect of the number of tokens drafted per round: plain speculative decoding at
+   draft_len 1..8 against the target alone and the oracle ceiling.
+2. The exhaustive strategy's trade-off: each history predictor pre-drafting 2, 4 or every
+   branch point at once, speed against wasted draft tokens.
+
+Both come from one exact greedy replay (``bpsim replay``) with the latency model fitted on the
+traces next to the profiles, so they cost seconds, not model runs.
+
+    python analysis/draft_len_and_exhaustive.py traces/mt-bench-greedy-k4.profile.parquet \
+        traces/mt-bench-greedy-target.parquet --out docs/experiments
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def replay(inputs: list[str], scratch: Path) -> dict:
+    command = [sys.executable, "-m", "bpsim.cli", "replay", *inputs, "--draft-lens", "1,2,3,4,5,6,7,8",
+               "--exhaustive", "2,4,all", "--device", "cpu", "--out", str(scratch)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((scratch / "replay.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="profiles and traces, as bpsim replay takes them")
+    parser.add_argument("--out", type=Path, required=True, help="folder for experiments.md and the plots")
+    args = parser.parse_args()
+    result = replay(args.inputs, Path(tempfile.mkdtemp(prefix="bpsim-experiments-")))
+    policies = result["policies"]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    plain = sorted((p for p in policies if p["kind"] == "plain"), key=lambda p: p["draft_len"])
+    target = next(p for p in policies if p["kind"] == "target")
+    oracle = [p for p in policies if p["kind"] == "oracle"]
+    lines = ["# Replayed experiments", "",
+             f"Inputs: {', '.join(f'`{i}`' for i in args.inputs)}; {result['mode']} replay of "
+             f"{result['requests']} requests, {result['tokens']} tokens, "
+             f"{int(result['confidence'] * 100)}% bootstrap intervals over requests.", "",
+             "## Tokens drafted per round", "", "| policy | tokens/s | vs target |", "| --- | --- | --- |"]
+
+    def row(policy):
+        speed, ratio = policy["tokens_per_s"], policy["speedup_vs_target"]
+        return (f"| `{policy['name']}` | {speed['value']:.1f} [{speed['low']:.1f}, {speed['high']:.1f}] | "
+                f"{ratio['value']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}] |")
+
+    lines += [row(p) for p in [target, *plain, *oracle]]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.errorbar([p["draft_len"] for p in plain], [p["speedup_vs_target"]["value"] for p in plain],
+                  yerr=[[p["speedup_vs_target"]["value"] - p["speedup_vs_target"]["low"] for p in plain],
+                        [p["speedup_vs_target"]["high"] - p["speedup_vs_target"]["value"] for p in plain]],
+                  marker="o", label="plain speculative")
+    for policy in oracle:
+        axis.axhline(policy["speedup_vs_target"]["value"], linestyle="--", color="gray", label="oracle")
+    axis.axhline(1.0, color="black", linewidth=0.8, label="target alone")
+    axis.set_xlabel("draft_len")
+    axis.set_ylabel("speed / target alone")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(args.out / "draft-len.png", dpi=120)
+    lines += ["", "![draft_len](draft-len.png)", ""]
+
+    exhaustive = [p for p in policies if p.get("width") not in (None, 1) and p["kind"] not in ("plain", "target")]
+    single = [p for p in policies if p["kind"] not in ("plain", "target", "oracle") and p.get("width") in (None, 1)]
+    lines += ["## Exhaustive strategy", "",
+              "| policy | branch points | tokens/s | vs target | hit rate | wasted drafts per token |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for policy in single + exhaustive:
+        hit = policy["hit_rate"]["value"] if policy.get("hit_rate") else float("nan")
+        speed, ratio = policy["tokens_per_s"], policy["speedup_vs_target"]
+        width = policy.get("width")
+        branches = "all" if width == 0 else (width or 1)  # width 0 pre-drafts every branch point
+        lines.append(f"| `{policy['name']}` | {branches} | {speed['value']:.1f} | "
+                     f"{ratio['value']:.2f} | {hit:.2f} | {policy['wasted_per_token']:.2f} |")
+        axis.scatter(policy["wasted_per_token"], ratio["value"], s=12)
+    axis.set_xlabel("wasted draft tokens per output token")
+    axis.set_ylabel("speed / target alone")
+    figure.tight_layout()
+    figure.savefig(args.out / "exhaustive.png", dpi=120)
+    lines += ["", "![exhaustive](exhaustive.png)", "", "Latency model of the replay:", "", "```",
+              json.dumps(result["latency"], indent=1), "```", ""]
+    (args.out / "experiments.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / 'experiments.md'}")
+
+
+if __name__ == "__main__":
+    main()
