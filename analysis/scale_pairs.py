@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bpsim.models import DRAFTS_DIR
+from bpsim.models import DRAFTS_DIR, load_pair
+from bpsim.profile import profile_table, write_profile
+from bpsim.traces import read_trace
 
 
 def bpsim(*arguments: str) -> None:
@@ -53,7 +55,8 @@ def main() -> None:
         trace = folder / args.trace.name
         shutil.copy(args.trace, trace)
         profile = folder / (args.trace.name[: -len(".parquet")] + ".profile.parquet")
-        bpsim("profile", str(trace), "--draft", name, "--device", "cpu", "--out", str(profile))
+        pair = load_pair(card["target"], name, device="cpu", dtype="float32")
+        write_profile(profile_table(read_trace(trace), pair, other_draft=True), profile)
         replay = folder / "replay"
         # The trace's fitted draft cost belongs to the reference draft; scale it to this one.
         fitted = _fitted_draft_ms(profile, args.target_only, folder)

@@ -183,12 +183,21 @@ def model_names(metadata: dict) -> tuple[str, str]:
     return names[0], names[1]
 
 
-def profile_table(trace: pa.Table, pair, prompts: dict | None = None, progress: bool = False) -> pa.Table:
-    """Profile every request of ``trace`` with ``pair``; return the profile table with its metadata."""
+def profile_table(trace: pa.Table, pair, prompts: dict | None = None, progress: bool = False,
+                  other_draft: bool = False) -> pa.Table:
+    """Profile every request of ``trace`` with ``pair``; return the profile table with its metadata.
+
+    With ``other_draft`` the draft may differ from the one that recorded the trace: the output
+    text is the target's either way (decoding is lossless), so the profile then gives that
+    draft's acceptances on the same text, and its metadata names the draft actually used.
+    """
     from bpsim.traces import trace_metadata
 
     metadata = trace_metadata(trace)
-    _check_pair(metadata, pair)
+    if other_draft:
+        _check_pair({"target": metadata.get("target")}, pair)
+    else:
+        _check_pair(metadata, pair)
     temperature, top_k, top_p = _sampling_settings(metadata)
     columns: dict[str, list] = {name: [] for name in PROFILE_SCHEMA.names}
     outputs = request_outputs(trace)
@@ -216,6 +225,8 @@ def profile_table(trace: pa.Table, pair, prompts: dict | None = None, progress: 
         "trace_run_id": metadata.get("run_id"),
         **{key: metadata[key] for key in ("target", "draft", "sampling", "suite") if key in metadata},
     }
+    if other_draft:
+        profile_metadata["draft"] = {"name": pair.draft.name, "sha256": pair.draft.sha256}
     table = pa.table(columns, schema=PROFILE_SCHEMA)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(profile_metadata).encode()})
 

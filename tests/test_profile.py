@@ -1,7 +1,9 @@
+import json
 import warnings
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
 
@@ -155,3 +157,25 @@ def test_profile_sampling_accept_prob(real_pair):
     other = profile_request(real_pair, ids, tokens, temperature=0.8, top_p=0.9)
     assert ((other["accept_prob"] >= 0) & (other["accept_prob"] <= 1)).all()
     assert (other["draft_entropy"] >= 0).all()
+
+
+def test_profile_with_other_draft(real_pair, partial_pair):
+    from pathlib import Path
+
+    from bpsim.profile import profile_table
+    from bpsim.traces import read_trace
+
+    trace = read_trace(Path(__file__).resolve().parent.parent / "traces" / "humaneval-greedy-k4.parquet")
+    trace = trace.filter(pa.compute.equal(trace.column("request_id"), 0))
+    from dataclasses import replace
+
+    other = replace(partial_pair, draft=replace(partial_pair.draft, sha256="0" * 64))
+    with pytest.raises(ProfileError, match="recorded with"):
+        profile_table(trace, other)
+    table = profile_table(trace, other, other_draft=True)
+    metadata = json.loads(table.schema.metadata[b"bpsim"])
+    assert metadata["draft"]["name"] == other.draft.name
+    assert table.num_rows == 1
+    shipped = profile_table(trace, real_pair)
+    assert table.column("tokens").to_pylist() == shipped.column("tokens").to_pylist()
+    assert table.column("match").to_pylist() != shipped.column("match").to_pylist()
