@@ -98,7 +98,7 @@ def main() -> None:
 
 
 def _fitted_draft_ms(profile: Path, target_only: Path, folder: Path) -> float:
-    """The draft_ms_per_token that replay fits from the trace next to ``profile``."""
+    """Return the draft_ms_per_token that replay fits from the trace next to ``profile``."""
     probe = folder / "probe"
     bpsim("replay", str(profile), str(target_only), "--device", "cpu", "--draft-lens", "1", "--out", str(probe))
     return json.loads((probe / "replay.json").read_text())["latency"]["draft_ms_per_token"]

@@ -35,7 +35,7 @@ _DRAFT_NAME = re.compile(rf"^{re.escape(BUILTIN_TARGET)}-draft(\d+)$")
 
 
 class ModelLoadError(BpsimError, ValueError):
-    """A model name, path, device or dtype that cannot be loaded; the message says the fix."""
+    """A model name, path, device or dtype that cannot be loaded; the message contains the fix."""
 
 
 class TokenizerMismatchError(ModelLoadError):
@@ -199,7 +199,7 @@ def _load_hf(name_or_path: str, device, dtype, trust_remote_code: bool):
             raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
         found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and not found:
-            raise ModelLoadError(f"{path} holds no model (no config.json, *.safetensors or *.gguf); point at a model folder")
+            raise ModelLoadError(f"{path} contains no model (no config.json, *.safetensors or *.gguf); point at a model folder")
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and ggufs:
             kwargs["gguf_file"], weights = ggufs[0].name, ggufs[0]

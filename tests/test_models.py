@@ -132,7 +132,7 @@ def test_unknown_draft_names_fail_clearly(name, expected):
 
 def test_path_without_model_fails_clearly(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
-    with pytest.raises(ModelLoadError, match="holds no model"):
+    with pytest.raises(ModelLoadError, match="contains no model"):
         load_model(str(tmp_path), "cpu", "float32")
 
 
