@@ -204,7 +204,7 @@ def test_branch_prediction_hit_needs_correction_token():
     assert hits[1] == policy.totals.predrafts[1] > 0
 
 
-def test_exhaustive_all_branches_always_covers():
+def test_exhaustive_all_branches_raise_hit_rate():
     table = random_table(requests=4, second_rate=1.0, rate=0.9, seed=5)
     predictor = StaticPredictor("all", draft_len=3)
     result = replay(table, [predictor], exhaustive_widths=[0], oracle=False, bootstrap=10, device="cpu")
@@ -285,7 +285,7 @@ def test_no_inputs_rejected():
 
 
 def test_draft_len_beyond_depth_warns(caplog):
-    # Requests of 5 tokens cannot judge 8 drafts in one round: the replay still answers, capped
+    # Requests of 5 tokens cannot judge 8 drafts in one round: the replay still returns results, capped
     # at the request's end, and says the policy's figures are approximate.
     table = table_from_outcomes([[1, 1, 0, 1, 1]] * 3, latency=SIMPLE)
     config = StaticPredictor("all", draft_len=8).to_config()
