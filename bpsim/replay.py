@@ -529,6 +529,12 @@ def _simulate_predictors(batch: ReplayBatch, latency: LatencyModel, predictors: 
     prompts = batch.prompt_len.cpu().numpy()
     context_start, context_stop = int(prompts.min()), int(prompts.max() + batch.length.max()) + 1
     per_lane = max(state_entries_per_lane(p) for p in predictors)
+    if vectorised and per_lane > MAX_LANE_STATE:
+        # A pattern table this large does not fit even one lane densely; the scalar path stores
+        # only the patterns a request visits.
+        logger.warning("%s keeps %d state values per lane, more than %d; stepping it one lane at a time",
+                       predictors[0].family, per_lane, MAX_LANE_STATE)
+        vectorised, per_lane = False, 1
     lanes_per_chunk = max(1, MAX_LANE_STATE // per_lane)
     row_chunk = min(batch.rows, lanes_per_chunk)
     config_chunk = max(1, lanes_per_chunk // row_chunk)

@@ -401,3 +401,13 @@ def test_target_only_trace_joins_latency_fit():
     assert len(table.request_labels) == 6
     assert "verify_ms_per_token" not in table.latency.assumed
     assert table.latency.verify_ms(5) > table.latency.verify_ms(1)
+
+
+def test_huge_pattern_table_uses_scalar_path(caplog):
+    # history 8 over 11 symbols is 11^8 patterns per lane, too many for a dense table.
+    table = random_table(requests=2, length=12, seed=6)
+    predictor = TwoLevelPredictor(history=8, max_symbol=8, draft_len=3)
+    with caplog.at_level("WARNING"):
+        result = replay(table, [predictor], oracle=False, bootstrap=10, device="cpu")
+    assert "one lane at a time" in caplog.text
+    assert result.policy("two-level:history=8,draft_len=3").rounds > 0
