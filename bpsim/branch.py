@@ -199,14 +199,7 @@ class BranchPredictedDecoder(SpeculativeDecoder):
                 generator = request_generator(sampling.seed, 0, self.device)
             generators = _Generators.split(generator, self.device)
 
-        target = CachedModel(self.target, self.vocab_size)
-        draft_model = CachedModel(self.draft, self.vocab_size) if self.draft is not None else None
-        with WallTimer(self.device) as prefill_timer:
-            prefill(target, ids)
-            if draft_model is not None:
-                prefill(draft_model, ids)
-        if self.predictor is not None:
-            self.predictor.reset()
+        target, draft_model, prefill_timer = self._start_request(ids)
 
         draft_len = self.config.draft_len
         if self.draft_len_rule is not None:

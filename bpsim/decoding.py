@@ -261,14 +261,7 @@ class SpeculativeDecoder:
         if generator is None and not sampling.greedy:
             generator = request_generator(sampling.seed, 0, self.device)
 
-        target = CachedModel(self.target, self.vocab_size)
-        draft_model = CachedModel(self.draft, self.vocab_size) if self.draft is not None else None
-        with WallTimer(self.device) as prefill_timer:
-            prefill(target, ids)
-            if draft_model is not None:
-                prefill(draft_model, ids)
-        if self.predictor is not None:
-            self.predictor.reset()
+        target, draft_model, prefill_timer = self._start_request(ids)
 
         draft_len = self.config.draft_len
         rounds: list[RoundRecord] = []
@@ -279,6 +272,21 @@ class SpeculativeDecoder:
             rounds.append(record)
             draft_len = next_draft_len
         return Generation(tuple(ids[prompt_len:]), tuple(rounds), prompt_len, prefill_timer.ms, stop_reason)
+
+    def _start_request(self, ids: list[int]):
+        """Create both caches, feed them the prompt and reset the predictor for a new request.
+
+        Returns ``(target, draft_model, prefill_timer)``; ``draft_model`` is None without a draft.
+        """
+        target = CachedModel(self.target, self.vocab_size)
+        draft_model = CachedModel(self.draft, self.vocab_size) if self.draft is not None else None
+        with WallTimer(self.device) as prefill_timer:
+            prefill(target, ids)
+            if draft_model is not None:
+                prefill(draft_model, ids)
+        if self.predictor is not None:
+            self.predictor.reset()
+        return target, draft_model, prefill_timer
 
     def _round(self, target: CachedModel, draft_model: CachedModel | None, ids: list[int], prompt_len: int,
                round_index: int, draft_len: int, generator) -> tuple[RoundRecord, str | None, int]:
