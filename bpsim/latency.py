@@ -1,19 +1,24 @@
 """The latency model: what a round costs, fitted from the recorded draft_ms and verify_ms.
 
-draft_ms(n)         = draft_overhead_ms + n * draft_ms_per_token            (0 when n = 0)
-verify_ms(t, ctx)   = verify_base_ms + t * verify_ms_per_token + ctx * verify_ms_per_context
-round_ms(n, ctx)    = draft_ms(n) + verify_ms(n + 1, ctx)
-hidden_ms(m, V, b)  = predraft_overlap * draft_ms(m) * min(1, V / predraft_ms(m, b))
-predraft_ms(m, b)   = draft_ms(m) * (1 + (b - 1) * branch_batch_cost)
+draft_ms(n)          = draft_overhead_ms + n * draft_ms_per_token            (0 when n = 0)
+verify_ms(t, ctx)    = verify_base_ms + t * verify_ms_per_token + ctx * verify_ms_per_context
+round_ms(n, ctx)     = draft_ms(n) + verify_ms(n + 1, ctx)
+predraft_ms(m, b)    = draft_ms(m) * (1 + (b - 1) * branch_batch_cost)
+predraft_cost(m, V, b) = predraft_ms(m, b) - predraft_overlap * min(predraft_ms(m, b), V) + predraft_overhead_ms
 
 A speculative round with draft_len n verifies n + 1 tokens (the last accepted token and the n
 drafts); plain target decoding is the n = 0 round. While the target verifies (V =
 verify_ms(n + 1, ctx)), a pre-draft of the next round's m tokens runs concurrently on b branch
-points (b > 1 is the exhaustive strategy, batched). Each pre-draft adds ``predraft_overhead_ms``
-to the round on the critical path (launch, check and contention), hit or miss. On a hit the
-next round's drafting is cut by ``hidden_ms``: the draft can only run concurrently while the
-target verifies, and of that, the fraction ``predraft_overlap``. On a miss the pre-draft is
-dropped at the check and the next round drafts from scratch.
+points (b > 1 is the exhaustive strategy, batched). The round that launches a pre-draft pays
+``predraft_cost`` on its critical path, hit or miss: the pre-draft's compute less the part that
+ran hidden beside verification, plus a fixed overhead (launch and check). On a hit the next
+round's drafts are ready and it drafts nothing; on a miss the pre-draft was paid for in vain
+and the next round drafts from scratch.
+
+``predraft_overlap`` is the fraction of the overlappable pre-draft time (at most the
+verification window) that concurrency hides. It is negative where running the pre-draft beside
+verification costs more than running it afterwards, as on a CPU whose few cores both models
+then share with fewer threads each.
 
 Some coefficients cannot be identified from the traces, for example the per-token verify slope
 when every round used one draft_len, or the pre-draft overlap of a trace recorded without
@@ -49,7 +54,8 @@ class LatencyModel:
     draft_overhead_ms: float = 0.0
     verify_ms_per_token: float = 0.0
     verify_ms_per_context: float = 0.0
-    # Fraction of the hideable draft time (at most the verification window) a kept pre-draft saves.
+    # Fraction of the overlappable pre-draft time (at most the verification window) that runs hidden;
+    # negative when concurrency slows the round down by more than the pre-draft costs run alone.
     predraft_overlap: float = 1.0
     # Critical-path cost of one pre-draft (launch, check, contention), paid on hits and misses (ms).
     predraft_overhead_ms: float = 0.0
@@ -65,8 +71,8 @@ class LatencyModel:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise LatencyModelError(f"latency model field {name} must be finite and >= 0, got {value}")
-        if not 0.0 <= self.predraft_overlap <= 1.0:
-            raise LatencyModelError(f"predraft_overlap must lie in [0, 1], got {self.predraft_overlap}")
+        if not -1.0 <= self.predraft_overlap <= 1.0:
+            raise LatencyModelError(f"predraft_overlap must lie in [-1, 1], got {self.predraft_overlap}")
         object.__setattr__(self, "assumed", tuple(self.assumed))
 
     def draft_ms(self, draft_len):
@@ -89,16 +95,15 @@ class LatencyModel:
         batch_factor = 1.0 + (np.asarray(branches, dtype=float) - 1.0) * self.branch_batch_cost
         return self.draft_ms(draft_len) * batch_factor
 
-    def hidden_ms(self, draft_len, verify_window_ms, branches=1):
-        """Drafting time of the next round that a kept pre-draft saves.
+    def predraft_cost_ms(self, draft_len, verify_window_ms, branches=1):
+        """Critical-path cost of launching a pre-draft of ``draft_len`` tokens beside a verification.
 
-        The pre-draft runs only while the target verifies (``verify_window_ms``), at the efficiency
-        ``predraft_overlap``; with several batched branches the kept one is only that fraction done.
+        The round that launches it pays its compute less the part hidden beside the
+        ``verify_window_ms`` of verification, plus the fixed overhead; 0 when ``draft_len`` is 0.
         """
-        draft = self.draft_ms(draft_len)
         compute = self.predraft_ms(draft_len, branches)
-        done = np.minimum(1.0, np.asarray(verify_window_ms, dtype=float) / np.where(compute > 0, compute, 1.0))
-        return self.predraft_overlap * draft * done
+        hidden = self.predraft_overlap * np.minimum(compute, np.asarray(verify_window_ms, dtype=float))
+        return np.where(np.asarray(draft_len) > 0, compute - hidden + self.predraft_overhead_ms, 0.0)
 
     def expected_tokens_per_ms(self, pmf, draft_len: int, context_len: float = 0.0) -> float:
         """Expected tokens per ms of a plain speculative round whose accepted count has ``pmf`` over 0..draft_len."""
@@ -157,12 +162,13 @@ class LatencyModel:
 
     @classmethod
     def fit(cls, draft_len, draft_ms, verify_ms, context_len=None, predraft_overlap: float | None = None,
-            *, predraft_ms=None, round_ms=None, drafts_from_predraft=None) -> "LatencyModel":
+            *, predraft_ms=None, round_ms=None, drafts_from_predraft=None, predraft_len=None) -> "LatencyModel":
         """Least-squares fit of the model from per-round arrays (one entry per recorded round).
 
-        ``predraft_ms`` (NaN or 0 where a round ran no pre-draft) and ``round_ms`` fit the pre-draft
-        overlap and overhead. Without them, or without a pre-drafting round, both are assumed
-        (overlap 1, overhead 0) unless ``predraft_overlap`` is given. Rounds flagged in
+        ``predraft_ms`` (NaN or 0 where a round ran no pre-draft), ``round_ms`` and ``predraft_len``
+        (tokens of each round's pre-draft: the next round's draft_len; 0 where unknown) fit the
+        pre-draft overlap and overhead. Without them, or without a pre-drafting round, both are
+        assumed (overlap 1, overhead 0) unless ``predraft_overlap`` is given. Rounds flagged in
         ``drafts_from_predraft`` took their drafts from a hit pre-draft, so their draft_ms is left
         out of the draft fit. ``branch_batch_cost`` is never in a trace and is always assumed.
         """
@@ -227,26 +233,34 @@ class LatencyModel:
             rounds=len(draft_len),
         )
 
-        # Pre-draft: round_ms = draft + verify + predraft - overlap * min(predraft, verify) + overhead
-        # over the rounds that ran one, so the unexplained wall time is regressed on the hideable time.
+        # Pre-draft: round_ms = draft + verify + predraft - overlap * min(predraft, verify) + overhead,
+        # over the rounds that ran one. The pre-draft's compute is the modelled draft_ms of its
+        # length, not the recorded predraft_ms: a pre-draft beside verification may run on fewer
+        # threads than drafting alone, and the simulator charges the model's figure.
         overlap, overhead = predraft_overlap, 0.0
         timed = predrafted.copy()
-        if round_ms is not None:
+        if round_ms is not None and predraft_len is not None:
             round_ms = np.asarray(round_ms, dtype=float)
-            timed &= np.isfinite(round_ms)
-        if predraft_overlap is None and round_ms is not None and timed.any():
+            predraft_len = np.asarray(predraft_len, dtype=float)
+            timed &= np.isfinite(round_ms) & (predraft_len > 0)
+        else:
+            timed[:] = False
+        if predraft_overlap is None and timed.any():
             # The modelled verify time, so a slowdown of verification by the concurrent pre-draft
-            # counts as pre-draft overhead when the verify fit used rounds without one.
+            # counts against the overlap when the verify fit used rounds without one.
             verify_model = model.verify_ms(tokens[timed], context[timed])
-            excess = round_ms[timed] - draft_ms[timed] - verify_model - predraft_ms[timed]
-            hideable = np.minimum(predraft_ms[timed], verify_ms[timed])
-            if timed.sum() >= 3 and np.ptp(hideable) > 0:
+            compute = model.draft_ms(predraft_len[timed])
+            excess = round_ms[timed] - draft_ms[timed] - verify_model - compute
+            hideable = np.minimum(compute, verify_model)
+            if timed.sum() >= 3 and np.ptp(hideable) > 1e-6 * np.max(hideable):
                 slope, intercept = np.polyfit(hideable, excess, 1)
                 overlap, overhead = -slope, intercept
+                if overhead < 0:  # a negative fixed cost is not physical; refit the overlap alone
+                    overlap, overhead = -float(np.sum(excess * hideable) / np.sum(hideable ** 2)), 0.0
             else:
                 overlap = -float(np.sum(excess) / np.sum(hideable))
                 assumed.append("predraft_overhead_ms")
-            overlap, overhead = float(np.clip(overlap, 0.0, 1.0)), max(float(overhead), 0.0)
+            overlap, overhead = float(np.clip(overlap, -1.0, 1.0)), max(float(overhead), 0.0)
         else:
             if predraft_overlap is None:
                 assumed.append("predraft_overlap")
@@ -269,10 +283,34 @@ def fit_from_table(table) -> LatencyModel:
     for name in ("predraft_ms", "round_ms"):
         if name in table.column_names:
             optional[name] = np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=float)
+    if "predraft_ms" in optional and "request_id" in table.column_names:
+        optional["predraft_len"] = _next_draft_len(table)
     if "predraft_hit" in table.column_names:
         optional["drafts_from_predraft"] = _drafts_from_predraft(table)
     return LatencyModel.fit(columns["draft_len"], columns["draft_ms"], columns["verify_ms"], columns["context_len"],
                             **optional)
+
+
+def _next_draft_len(table) -> np.ndarray:
+    """The draft_len of the next round of the same request, 0 on a request's last round, (rounds,)."""
+    draft_len = table.column("draft_len").to_numpy(zero_copy_only=False).astype(float)
+    following = np.zeros(len(draft_len))
+    if len(draft_len) > 1:
+        following[:-1] = np.where(_continues(table), draft_len[1:], 0.0)
+    return following
+
+
+def _continues(table) -> np.ndarray:
+    """Whether row i + 1 is the next round of row i's request, (rounds - 1,) bool.
+
+    The round number is compared too, so two traces concatenated with the same request ids at
+    their boundary do not join.
+    """
+    request = table.column("request_id").to_numpy(zero_copy_only=False)
+    if "round" not in table.column_names:
+        return request[1:] == request[:-1]
+    number = table.column("round").to_numpy(zero_copy_only=False)
+    return (request[1:] == request[:-1]) & (number[1:] == number[:-1] + 1)
 
 
 def _drafts_from_predraft(table) -> np.ndarray:
@@ -280,11 +318,10 @@ def _drafts_from_predraft(table) -> np.ndarray:
 
     ``predraft_hit`` is read as belonging to the round whose prediction was checked, so the
     drafts it saved belong to the next round of the same request. Null (no pre-draft) counts as
-    a miss. NOTE: no recorder writes pre-drafting rounds yet, so this reading is unchecked.
+    a miss.
     """
     hit = np.asarray(table.column("predraft_hit").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-    request = table.column("request_id").to_numpy(zero_copy_only=False)
     following = np.zeros(len(hit), dtype=bool)
     if len(hit) > 1:
-        following[1:] = hit[:-1] & (request[1:] == request[:-1])
+        following[1:] = hit[:-1] & _continues(table)
     return following

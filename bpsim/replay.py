@@ -14,13 +14,13 @@ then emits token s + a. Policies:
   rejection (``second_match``), or its own next token after an all-accepted round (``match``).
 - ``exhaustive``: as ``predicted``, but the pre-draft runs in one batch on the ``width`` branch
   points nearest the prediction (width 0 means all n + 1). It is kept when the accepted count is
-  any of them, and it costs ``LatencyModel.predraft_ms`` of the batch;
+  any of them, and its compute is ``LatencyModel.predraft_ms`` of the batch;
 - ``oracle``: the ceiling. It knows every round's outcome, so each pre-draft is kept, and it
   picks the best draft_len of each round by dynamic programming over positions.
 
-Time follows ``LatencyModel``: a round costs its own drafting (less what a kept pre-draft
-already did), verification of n + 1 tokens at the current context length, and the pre-draft
-overhead when it launches a pre-draft. Rounds, requests and policy configurations are batch
+Time follows ``LatencyModel``: a round costs its own drafting (none when a kept pre-draft
+already made its drafts), verification of n + 1 tokens at the current context length, and
+``LatencyModel.predraft_cost_ms`` when it launches a pre-draft, kept or not. Rounds, requests and policy configurations are batch
 dimensions: ``simulate`` steps every (configuration, request) lane one round at a time, so a
 grid of predictor parameters over all requests costs one Python loop over rounds.
 
@@ -112,10 +112,10 @@ class Costs:
     def predraft_ms(self, n: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
         return self.draft_ms(n) * (1.0 + (branches.double() - 1.0) * self.model.branch_batch_cost)
 
-    def hidden_ms(self, n: torch.Tensor, window_ms: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+    def predraft_cost_ms(self, n: torch.Tensor, window_ms: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
         compute = self.predraft_ms(n, branches)
-        done = torch.clamp(window_ms / torch.where(compute > 0, compute, torch.ones_like(compute)), max=1.0)
-        return self.model.predraft_overlap * self.draft_ms(n) * done
+        hidden = self.model.predraft_overlap * torch.minimum(compute, window_ms)
+        return torch.where(n > 0, compute - hidden + self.model.predraft_overhead_ms, torch.zeros_like(compute))
 
 
 @dataclass
@@ -183,7 +183,7 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
     zeros_f = torch.zeros(lanes, dtype=torch.float64, device=device)
     zeros_i = torch.zeros(lanes, dtype=torch.long, device=device)
     pos = zeros_i.clone()
-    saved = zeros_f.clone()  # drafting time of this round that a kept pre-draft already did
+    ready = torch.zeros(lanes, dtype=torch.bool, device=device)  # this round's drafts came from a kept pre-draft
     time_ms = zeros_f.clone()
     counts = {name: zeros_i.clone() for name in ("rounds", "drafted", "rejected", "predrafts", "hits", "discarded",
                                                   "predicted_rounds", "correct_branch")}
@@ -203,7 +203,7 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
         accepted = torch.minimum(run[index], n)
         ctx = prompt + pos
         verify = costs.verify_ms(n + 1, ctx)
-        round_ms = torch.clamp(costs.draft_ms(n) - saved, min=0.0) + verify
+        round_ms = torch.where(ready, zeros_f, costs.draft_ms(n)) + verify
         next_pos = pos + accepted + 1
         continues = active & (next_pos < length)
 
@@ -218,8 +218,8 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
             token_right = torch.where(accepted < n, second[index + accepted], match[index + n])
             predraft = continues & (proposed > 0)
             hit = predraft & covered & token_right
-            round_ms = round_ms + predraft.double() * latency.predraft_overhead_ms
-            saved = torch.where(hit, costs.hidden_ms(proposed, verify, branches), zeros_f)
+            round_ms = round_ms + torch.where(predraft, costs.predraft_cost_ms(proposed, verify, branches), zeros_f)
+            ready = hit
             used = torch.where(hit, torch.minimum(proposed, length - next_pos - 1), zeros_i)
             counts["predrafts"] += predraft
             counts["hits"] += hit
@@ -269,7 +269,6 @@ def simulate_oracle(batch: ReplayBatch, latency: LatencyModel, max_draft_len: in
     best = torch.zeros((rows, width + 1, options), dtype=torch.float64, device=device)  # T[s, k]; 0 past the end
     choice = torch.zeros((rows, width, options), dtype=torch.int16, device=device)
     first_choice = torch.zeros((rows, width), dtype=torch.int16, device=device)
-    overhead = latency.predraft_overhead_ms
 
     for s in range(width - 1, -1, -1):
         inside = s < batch.length  # (rows,)
@@ -285,7 +284,7 @@ def simulate_oracle(batch: ReplayBatch, latency: LatencyModel, max_draft_len: in
         own = costs.draft_ms(n)  # (rows, options)
         # Previous round drafted k: its verification window hides part of this round's drafting.
         window = costs.verify_ms(choice_n[None, :, None] + 1, ctx[:, :, None])  # (rows, k, 1)
-        predrafted = own[:, None, :] - costs.hidden_ms(n[:, None, :], window, torch.ones_like(n[:, None, :])) + overhead
+        predrafted = costs.predraft_cost_ms(n[:, None, :], window, torch.ones_like(n[:, None, :]))
         draft_cost = torch.where(n[:, None, :] > 0, torch.minimum(own[:, None, :], predrafted), 0.0)  # (rows, k, n)
         total = draft_cost + (verify + after)[:, None, :]
         # amin and argmin, not min(dim=2): torch's CPU min with indices can stall for ~15 ms a call
@@ -314,7 +313,7 @@ def simulate_oracle(batch: ReplayBatch, latency: LatencyModel, max_draft_len: in
         verify = costs.verify_ms(n + 1, ctx)
         own = costs.draft_ms(n)
         window = costs.verify_ms(torch.clamp(previous, min=0) + 1, ctx)
-        predrafted = own - costs.hidden_ms(n, window, torch.ones_like(n)) + overhead
+        predrafted = costs.predraft_cost_ms(n, window, torch.ones_like(n))
         use_predraft = (previous >= 0) & (n > 0) & (predrafted < own)
         draft_cost = torch.where(use_predraft, predrafted, own)
         time_ms += torch.where(active, draft_cost + verify, 0.0)

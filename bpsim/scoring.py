@@ -89,21 +89,19 @@ def expected_round_stats(rounds: Rounds, predicted: np.ndarray, used_len: np.nda
 def expected_round_ms(rounds: Rounds, used_len: np.ndarray, kept: np.ndarray, latency: LatencyModel) -> np.ndarray:
     """Return the modelled wall time of each round.
 
-    Each round costs its drafting and verification. A round pays ``predraft_overhead_ms`` when it
-    pre-drafts the next round of its request. A kept pre-draft from the previous round hides
-    ``predraft_overlap * min(draft_ms(u), previous verify_ms)`` of this round's drafting.
+    Each round costs its verification and, unless a kept pre-draft from the previous round made
+    its drafts (probability ``kept`` of that round), its drafting. A round that pre-drafts the
+    next round of its request pays ``predraft_cost_ms`` of that pre-draft, kept or not.
     """
     u = np.asarray(used_len, dtype=np.int64)
     starts = request_starts(rounds.request)
     verify = latency.verify_ms(u + 1, rounds.context_len)
     draft = latency.draft_ms(u)
-    previous_verify = np.r_[0.0, verify[:-1]] if len(u) else verify
     previous_kept = np.where(starts, 0.0, np.r_[0.0, kept[:-1]] if len(u) else kept)
-    hidden = latency.predraft_overlap * np.minimum(draft, previous_verify) * previous_kept
     ends = np.r_[starts[1:], True] if len(u) else starts
-    next_used = np.r_[u[1:], 0] if len(u) else u
-    overhead = np.where(~ends & (next_used > 0), latency.predraft_overhead_ms, 0.0)
-    return verify + draft - hidden + overhead
+    next_used = np.where(ends, 0, np.r_[u[1:], 0] if len(u) else u)
+    predraft = latency.predraft_cost_ms(next_used, verify)
+    return verify + draft * (1.0 - previous_kept) + predraft
 
 
 @dataclass

@@ -62,8 +62,8 @@ def test_costs_mirror_latency_model():
     np.testing.assert_allclose(costs.draft_ms(n).numpy(), model.draft_ms(n.numpy()))
     np.testing.assert_allclose(costs.verify_ms(n + 1, context).numpy(), model.verify_ms(n.numpy() + 1, context.numpy()))
     np.testing.assert_allclose(costs.predraft_ms(n, branches).numpy(), model.predraft_ms(n.numpy(), branches.numpy()))
-    np.testing.assert_allclose(costs.hidden_ms(n, window, branches).numpy(),
-                               model.hidden_ms(n.numpy(), window.numpy(), branches.numpy()))
+    np.testing.assert_allclose(costs.predraft_cost_ms(n, window, branches).numpy(),
+                               model.predraft_cost_ms(n.numpy(), window.numpy(), branches.numpy()))
 
 
 def test_plain_replay_hand_computed():
@@ -144,7 +144,7 @@ def test_oracle_matches_brute_force_on_tiny_request():
             own = float(SIMPLE.draft_ms(n))
             if previous is not None and n > 0:
                 window = float(SIMPLE.verify_ms(previous + 1))
-                own = min(own, own - float(SIMPLE.hidden_ms(n, window)))
+                own = min(own, float(SIMPLE.predraft_cost_ms(n, window)))
             best = min(best, own + float(SIMPLE.verify_ms(n + 1)) + cheapest(s + run + 1, n))
         return best
 
@@ -202,6 +202,35 @@ def test_branch_prediction_hit_needs_correction_token():
     hits = policy.totals.hits
     assert hits[0] == 0
     assert hits[1] == policy.totals.predrafts[1] > 0
+
+
+def test_predraft_cost_charged_on_hits_and_misses():
+    # Every round rejects its first draft; a static "zero" predictor pre-drafts 2 tokens each
+    # round. Request 0 never guesses the correction, request 1 always does. Each pre-draft costs
+    # 2 - 0.5 * min(2, verify) + 0.25 = 1.25 ms whether kept or not; a kept one spares the next
+    # round its 2 ms of drafting. Positions 0-7 draft 2, position 8 drafts 1, position 9 none;
+    # positions 0-8 pre-draft.
+    latency = LatencyModel(draft_ms_per_token=1.0, verify_base_ms=10.0, verify_ms_per_token=1.0,
+                           predraft_overlap=0.5, predraft_overhead_ms=0.25)
+    table = table_from_outcomes([[0] * 10, [0] * 10], [[0] * 10, [1] * 10], latency=latency)
+    result = replay(table, [StaticPredictor("zero", draft_len=2)], oracle=False, bootstrap=10, device="cpu")
+    totals = result.policy("static:choice=zero,draft_len=2").totals
+    verify = 8 * 13 + 12 + 11
+    assert totals.time_ms[0] == pytest.approx(17 + verify + 9 * 1.25)
+    assert totals.time_ms[1] == pytest.approx(2 + verify + 9 * 1.25)
+
+
+def test_negative_overlap_makes_predrafting_lose():
+    # Where a pre-draft beside verification costs more than drafting afterwards, always
+    # pre-drafting loses to plain decoding at the same draft_len even with every pre-draft kept.
+    latency = LatencyModel(draft_ms_per_token=2.0, verify_base_ms=10.0, verify_ms_per_token=1.0,
+                           predraft_overlap=-0.5)
+    table = random_table(requests=4, rate=1.0, latency=latency, seed=2)
+    result = replay(table, [StaticPredictor("all", draft_len=3)], draft_lens=[3], oracle=False, bootstrap=10,
+                    device="cpu")
+    predicted = result.policy("static:draft_len=3")
+    assert predicted.hit_rate.value == pytest.approx(1.0)
+    assert predicted.tokens_per_s.value < result.policy("plain:draft_len=3").tokens_per_s.value
 
 
 def test_exhaustive_all_branches_raise_hit_rate():
@@ -308,19 +337,24 @@ def test_newer_config_version_rejected(tmp_path):
     assert main(["replay", str(trace), "--config", str(path), "--bootstrap", "10"]) == 2
 
 
-def test_latency_fit_recovers_predraft_overlap():
+@pytest.mark.parametrize("overlap, overhead", [(0.6, 0.3), (-0.4, 0.0)])
+def test_latency_fit_recovers_predraft_overlap(overlap, overhead):
     rng = np.random.default_rng(0)
     rounds = 400
     draft_len = rng.integers(1, 6, rounds)
     draft_ms = 2.0 * draft_len
     verify_ms = 10.0 + 0.5 * (draft_len + 1)
-    predraft_ms = np.where(rng.random(rounds) < 0.7, 2.0 * rng.integers(1, 6, rounds), np.nan)
-    hideable = np.minimum(np.nan_to_num(predraft_ms), verify_ms)
-    round_ms = draft_ms + verify_ms + np.nan_to_num(predraft_ms) - np.where(
-        np.isnan(predraft_ms), 0.0, 0.6 * hideable - 0.3)
-    model = LatencyModel.fit(draft_len, draft_ms, verify_ms, predraft_ms=predraft_ms, round_ms=round_ms)
-    assert model.predraft_overlap == pytest.approx(0.6)
-    assert model.predraft_overhead_ms == pytest.approx(0.3)
+    predraft_len = rng.integers(1, 6, rounds)
+    launched = rng.random(rounds) < 0.7
+    # The recorded pre-draft compute ran on fewer threads; the fit charges the model's draft_ms.
+    predraft_ms = np.where(launched, 3.1 * predraft_len, np.nan)
+    compute = 2.0 * predraft_len
+    round_ms = draft_ms + verify_ms + np.where(launched, compute - overlap * np.minimum(compute, verify_ms) + overhead,
+                                               0.0)
+    model = LatencyModel.fit(draft_len, draft_ms, verify_ms, predraft_ms=predraft_ms, round_ms=round_ms,
+                             predraft_len=np.where(launched, predraft_len, 0))
+    assert model.predraft_overlap == pytest.approx(overlap)
+    assert model.predraft_overhead_ms == pytest.approx(overhead, abs=1e-9)
     assert "predraft_overlap" not in model.assumed
     assert "branch_batch_cost" in model.assumed
     plain = fit_from_table(synthetic_trace(requests=3, draft_len=(2, 4)))

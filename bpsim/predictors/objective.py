@@ -11,15 +11,13 @@ predicted count is
     predicted = argmax_j P_n(j) g(j),
 
 which is the mode only when both guess rates are equal. Following ``bpsim.latency``, every
-pre-draft adds ``predraft_overhead_ms`` to the critical path, hit or miss, and a kept one hides
-``predraft_overlap * min(draft_ms(m), verify_ms(m + 1))`` of the next round's drafting, because
-the draft runs concurrently only while the target verifies.
+pre-draft costs its round ``predraft_cost(m, verify_ms(m + 1))``, hit or miss, and a kept one
+spares the next round its drafting.
 
 The next draft_len m maximises the stationary speed of rounds that all draft m tokens:
 
-    speed(m)  = (E_m[A] + 1) / (verify_ms(m + 1, ctx) + draft_ms(m) + predraft_overhead_ms - hit(m) hidden(m)),
+    speed(m)  = (E_m[A] + 1) / (verify_ms(m + 1, ctx) + (1 - hit(m)) draft_ms(m) + predraft_cost(m, verify_ms(m + 1, ctx))),
     hit(m)    = max_j P_m(j) g(j),
-    hidden(m) = predraft_overlap * min(draft_ms(m), verify_ms(m + 1, ctx)),
 
 over the candidate lengths, 0 (plain target decoding, speed 1 / verify_ms(1, ctx)) included.
 """
@@ -63,8 +61,8 @@ def stationary_speed(pmfs: dict[int, np.ndarray], latency: LatencyModel, context
         hit = float((pmf * guess_weights(m, bonus_guess_rate, correction_guess_rate)).max())
         verify = latency.verify_ms(m + 1, context)
         draft = float(latency.draft_ms(m))
-        hidden = latency.predraft_overlap * np.minimum(draft, verify)
-        speed[:, column] = tokens / (verify + draft + latency.predraft_overhead_ms - hit * hidden)
+        predraft = latency.predraft_cost_ms(m, verify)
+        speed[:, column] = tokens / (verify + (1.0 - hit) * draft + predraft)
     return lengths, speed
 
 
