@@ -262,7 +262,10 @@ def held_out_table(summary: dict):
     if missing:
         raise ExportError(f"trace {missing[0]} named in summary.json not found; run bpsim export from the folder "
                           "bpsim fit ran in, or fit again")
-    rounds, _ = load_traces(paths, pool=bool(summary.get("pooled")))
+    rounds, _, latency = load_traces(paths, pool=bool(summary.get("pooled")),
+                                     latency_paths=[Path(p) for p in summary.get("latency_traces", [])])
+    if "latency" in summary:
+        latency = LatencyModel.from_dict(summary["latency"])
     rounds = drop_target_only(rounds)
     _, test, held_out = split_by_request(rounds, float(summary["test_fraction"]), int(summary["seed"]))
     test_names = {str(rounds.request_names[r]) for r in np.unique(test.request)}
@@ -270,7 +273,7 @@ def held_out_table(summary: dict):
     for path in paths:
         profile = path.with_name(path.name[: -len(".parquet")] + ".profile.parquet")
         inputs.append(profile if profile.is_file() and trace_path_of_profile(profile) == path else path)
-    table = load_acceptance(inputs)
+    table = load_acceptance(inputs, latency=latency)
     keys = [label.rsplit(":", 1) for label in table.request_labels]
     chosen = [i for i, (source, request) in enumerate(keys) if f"{source}#{request}" in test_names]
     if len(chosen) != len(test_names):

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -121,3 +122,52 @@ def test_target_only_trace_informs_latency(tmp_path):
 def test_target_only_trace_alone_is_rejected(tmp_path):
     with pytest.raises(BpsimError, match="no speculative trace"):
         fit_traces([SHIPPED / "mt-bench-greedy-target.parquet"], tmp_path / "fit")
+
+
+def predrafting_trace(path, overlap, **overrides):
+    """A synthetic trace with exact timings whose every round pre-drafts the next one beside verification."""
+    from bpsim.latency import LatencyModel, _next_draft_len
+
+    table = synthetic_trace(requests=4, rounds_per_request=15, draft_len=(2, 4), latency_noise=0.0, seed=7,
+                            **overrides)
+    model = LatencyModel(draft_ms_per_token=2.0, draft_overhead_ms=0.5, verify_base_ms=10.0)  # the synthetic draft
+    draft_len = table.column("draft_len").to_numpy()
+    verify = table.column("verify_ms").to_numpy()
+    following = _next_draft_len(table)
+    compute = model.draft_ms(following)
+    launched = following > 0
+    round_ms = (table.column("draft_ms").to_numpy() + verify
+                + np.where(launched, compute - overlap * np.minimum(compute, verify), 0.0))
+    predraft_ms = pa.array(np.where(launched, 1.7 * compute, np.nan), type=pa.float64(), from_pandas=True)
+    table = table.set_column(table.schema.get_field_index("predraft_ms"), "predraft_ms", predraft_ms)
+    table = table.set_column(table.schema.get_field_index("round_ms"), "round_ms", pa.array(round_ms))
+    assert (draft_len >= 0).all()
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("overlap", [0.5, -0.3])
+def test_latency_traces_fit_overlap_but_not_acceptance(tmp_path, overlap):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=6, rounds_per_request=15, draft_len=(2, 4),
+                            latency_noise=0.0)
+    timing = predrafting_trace(tmp_path / "predraft.parquet", overlap)
+    alone = fit_traces([trace], tmp_path / "alone", resamples=0)
+    summary = fit_traces([trace], tmp_path / "fit", resamples=0, latency_paths=[timing])
+    latency = json.loads((tmp_path / "fit" / "latency.json").read_text())
+    assert latency == summary["latency"]
+    assert latency["predraft_overlap"] == pytest.approx(overlap)
+    assert "predraft_overlap" not in latency["assumed"]
+    assert "predraft_overlap" in alone["latency"]["assumed"]
+    assert summary["latency_traces"] == [str(timing)]
+    # The latency trace's rounds are not fitted: the acceptance fits are those of the trace alone.
+    assert summary["overall"]["train_rounds"] == alone["overall"]["train_rounds"]
+    assert summary["overall"]["fits"] == alone["overall"]["fits"]
+
+
+def test_latency_trace_of_another_pair_rejected(tmp_path, capsys):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=4, rounds_per_request=10)
+    timing = predrafting_trace(tmp_path / "other.parquet", 0.5, draft="other-draft")
+    code, _ = fit(tmp_path, trace, extra=("--latency-traces", str(timing)))
+    assert code == 2
+    error = capsys.readouterr().err
+    assert str(timing) in error and "other-draft" in error

@@ -114,3 +114,22 @@ def test_record_recovers_parts(tmp_path, capsys):
     assert main(["record", "--recover", "--out", str(out)]) == 0
     assert read_trace(out).num_rows == 2
     assert f"into {out}" in capsys.readouterr().out
+
+
+def test_record_predraft_times_the_overlap(tiny_models, prompts_file, tmp_path):
+    out = tmp_path / "predraft.parquet"
+    assert main(record_args(tiny_models, prompts_file, out, "--draft-len", "2", "--limit", "1", "--predraft")) == 0
+    table = read_trace(out)
+    metadata = trace_metadata(table)
+    assert metadata["policy"]["kind"] == "predraft"
+    assert metadata["policy"]["predictor"]["params"]["choice"] == "all"
+    finished = table.column("finished").to_pylist()
+    predraft_ms = table.column("predraft_ms").to_pylist()
+    assert all(ms is not None and ms >= 0 for ms, last in zip(predraft_ms, finished) if not last)
+
+
+def test_record_predraft_needs_drafts(tiny_models, prompts_file, tmp_path, capsys):
+    out = tmp_path / "predraft.parquet"
+    assert main(record_args(tiny_models, prompts_file, out, "--target-only", "--predraft")) == 2
+    assert "--predraft needs drafts" in capsys.readouterr().err
+    assert not out.exists()

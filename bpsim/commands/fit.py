@@ -1,8 +1,10 @@
 """``bpsim fit TRACES... --out DIR``: fit every family, score every predictor and name the winner.
 
-The output folder contains ``report.md`` with its plots and ``summary.json``. The summary names the
-winner by expected speed and stores every predictor's ``to_config()``, so
-``bpsim.predictors.predictor_from_config`` can rebuild any of them.
+The output folder contains ``report.md`` with its plots, ``summary.json`` and ``latency.json``.
+The summary names the winner by expected speed and stores every predictor's ``to_config()``, so
+``bpsim.predictors.predictor_from_config`` can rebuild any of them. ``latency.json`` is the latency
+model every score used, fitted on the timings of all traces, ``--latency-traces`` included;
+``bpsim replay --latency`` and ``bpsim export`` reuse it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("fit", help="fit acceptance distributions and predictors to traces and report")
     parser.add_argument("traces", nargs="+", type=Path, help="trace files (.parquet) written by bpsim record")
     parser.add_argument("--out", type=Path, required=True, help="output folder for report.md, plots and summary.json")
+    parser.add_argument("--latency-traces", nargs="+", type=Path, default=[], metavar="TRACE",
+                        help="traces of the same pair that only time the models; their accepted counts are not "
+                             "fitted (e.g. a run that pre-drafts, which times the overlap of pre-drafting)")
     parser.add_argument("--pool", action="store_true", help="fit traces of different model pairs together")
     parser.add_argument("--stratify", default="", help=f"comma-separated keys to also fit per stratum: {', '.join(STRATA)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split and the bootstrap (default 0)")
@@ -47,12 +52,23 @@ def parse_strata(text: str) -> tuple[str, ...]:
     return keys
 
 
-def load_traces(paths: list[Path], pool: bool):
-    """Read and validate the traces; reject traces of different model pairs unless ``pool``."""
+def load_traces(paths: list[Path], pool: bool, latency_paths: list[Path] = ()):
+    """Read and validate the traces; reject traces of different model pairs unless ``pool``.
+
+    Return ``(rounds, pairs, latency)``: the rounds of ``paths``, the model pairs, and the latency
+    model fitted on the timings of ``paths`` and ``latency_paths`` together.
+    """
+    import pyarrow as pa
+
     from bpsim.fitting import Rounds, model_pair
+    from bpsim.latency import fit_from_table
     from bpsim.traces import read_trace, trace_metadata
 
     tables = [(str(path), read_trace(path)) for path in paths]
+    timing = [(str(path), read_trace(path)) for path in latency_paths]
+    for source, table in timing:
+        if table.num_rows == 0:
+            raise BpsimError(f"latency trace {source} contains no rounds; record at least one request")
     pairs = {}
     targets_only = {}
     for source, table in tables:
@@ -76,7 +92,16 @@ def load_traces(paths: list[Path], pool: bool):
         listing = "; ".join(f"{pair} in {', '.join(sources)}" for pair, sources in pairs.items())
         raise BpsimError(f"the traces come from different model pairs ({listing}); fit them separately, "
                          "or pass --pool to fit them together")
-    return Rounds.from_tables(tables), sorted(pairs)
+    for source, table in timing:
+        metadata = trace_metadata(table)
+        pair = model_pair(metadata)
+        target = pair.split(" -> ")[0]
+        if metadata.get("draft") is None and target not in targets or metadata.get("draft") is not None and pair not in pairs:
+            raise BpsimError(f"latency trace {source} was recorded with {pair}, but the traces use "
+                             f"{', '.join(sorted(pairs))}; time the same pair")
+    everything = [table.replace_schema_metadata(None) for _, table in tables + timing]
+    latency = fit_from_table(pa.concat_tables(everything, promote_options="permissive"))
+    return Rounds.from_tables(tables), sorted(pairs), latency
 
 
 def drop_target_only(rounds):
@@ -97,16 +122,16 @@ def strata_masks(rounds, keys: tuple[str, ...]):
 
 
 def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple[str, ...] = (), seed: int = 0,
-               test_fraction: float = 0.3, resamples: int = 200) -> dict:
+               test_fraction: float = 0.3, resamples: int = 200, latency_paths: list[Path] = ()) -> dict:
     """Fit and score every family on the traces, write the report and summary into ``out``; return the summary."""
     from bpsim.fitting import FitError, split_by_request
     from bpsim.latency import LatencyModelError
     from bpsim.report import write_report
     from bpsim.scoring import evaluate
 
-    rounds, pairs = load_traces(paths, pool)
-    # Target-only traces add verify timings of single tokens to the latency model and nothing else.
-    latency = rounds.latency_model()
+    # Target-only and latency traces add timings to the latency model and nothing else.
+    rounds, pairs, latency = load_traces(paths, pool, latency_paths)
+    logger.info("%s", latency.describe())
     rounds = drop_target_only(rounds)
     train, test, held_out = split_by_request(rounds, test_fraction, seed)
     overall = evaluate(train, test, held_out, "all rounds", resamples, seed, latency=latency)
@@ -134,6 +159,8 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
         "bpsim_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "traces": [str(path) for path in paths],
+        "latency_traces": [str(path) for path in latency_paths],
+        "latency": latency.to_dict(),
         "model_pairs": pairs,
         "pooled": len(pairs) > 1,
         "seed": seed,
@@ -151,6 +178,7 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
     with atomic_dir(out) as folder:
         write_report(folder, title, sections)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+        (folder / "latency.json").write_text(json.dumps(latency.to_dict(), indent=2, allow_nan=False))
     return summary
 
 
@@ -160,7 +188,7 @@ def run(args) -> int:
     if args.bootstrap < 0:
         raise BpsimError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     summary = fit_traces(args.traces, args.out, args.pool, parse_strata(args.stratify), args.seed,
-                         args.test_fraction, args.bootstrap)
+                         args.test_fraction, args.bootstrap, args.latency_traces)
     winner = summary["winner"]
     print(f"winner: {winner['name']} ({winner['speed']:.4f} tokens/ms expected); report in {args.out / 'report.md'}")
     return 0

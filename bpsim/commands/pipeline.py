@@ -72,25 +72,30 @@ def run(args) -> int:
     record_options = common + (["--threads", str(args.threads)] if args.threads else [])
     spec = traces / f"greedy-k{args.draft_len}.parquet"
     target_only = traces / "greedy-target.parquet"
+    predraft = traces / f"greedy-k{args.draft_len}-predraft.parquet"
     profile = traces / f"greedy-k{args.draft_len}.profile.parquet"
     timings: dict[str, str] = {}
 
-    # 1. Record a speculative trace, and a shorter target-only one so the latency model sees
-    #    verify passes of two lengths.
+    # 1. Record a speculative trace, a shorter target-only one so the latency model sees verify
+    #    passes of two lengths, and a shorter pre-drafting one that times the overlap.
     _stage("record", spec, ["record", "--suite", args.suite, "--limit", str(args.limit), "--draft-len",
                             str(args.draft_len), *models, *record_options, "--out", str(spec)], timings)
     _stage("record target-only", target_only,
            ["record", "--suite", args.suite, "--limit", str(max(1, args.limit // 4)), "--target-only", *models,
             *record_options, "--out", str(target_only)], timings)
+    _stage("record pre-draft", predraft,
+           ["record", "--suite", args.suite, "--limit", str(max(1, args.limit // 4)), "--draft-len",
+            str(args.draft_len), "--predraft", *models, *record_options, "--out", str(predraft)], timings)
     # 2. Profile: teacher-forced acceptance per position, for exact greedy replay at any draft_len.
     _stage("profile", profile, ["profile", str(spec), "--device", args.device, "--out", str(profile)], timings)
-    # 3. Fit every predictor family on a split by request.
-    _stage("fit", out / "fit" / "summary.json", ["fit", str(spec), str(target_only), "--out", str(out / "fit"), "--seed", str(args.seed)],
-           timings)
-    # 4. Replay every policy on the profile with the recorded costs.
+    # 3. Fit every predictor family on a split by request, and the latency model on every trace.
+    _stage("fit", out / "fit" / "summary.json",
+           ["fit", str(spec), str(target_only), "--latency-traces", str(predraft), "--out", str(out / "fit"),
+            "--seed", str(args.seed)], timings)
+    # 4. Replay every policy on the profile with the fit's latency model.
     _stage("replay", out / "replay" / "replay.json",
-           ["replay", str(profile), str(target_only), "--device", args.device, "--seed", str(args.seed),
-            "--out", str(out / "replay")], timings)
+           ["replay", str(profile), "--latency", str(out / "fit" / "latency.json"), "--device", args.device,
+            "--seed", str(args.seed), "--out", str(out / "replay")], timings)
     # 5. Export the predictor with the best replayed speed on held-out requests.
     predictor = out / "predictor.json"
     _stage("export", predictor, ["export", str(out / "fit"), "--out", str(predictor), "--seed", str(args.seed)], timings)

@@ -23,6 +23,13 @@ def add_parser(subparsers) -> None:
     policy.add_argument("--draft-len", type=int, default=4,
                         help="drafts per round (default 4); 0 decodes with the target alone and loads no draft")
     policy.add_argument("--target-only", action="store_true", help="decode with the target alone (same as --draft-len 0)")
+    parser.add_argument("--predraft", action="store_true",
+                        help="pre-draft every next round beside verification assuming all drafts are accepted "
+                             "(PEARL style), so the trace times the overlap of pre-drafting; give it to "
+                             "bpsim fit --latency-traces")
+    parser.add_argument("--backend", choices=("auto", "thread", "cuda-stream"), default="auto",
+                        help="how --predraft runs beside verification: auto picks cuda-stream on CUDA and thread "
+                             "on CPU (default auto)")
     parser.add_argument("--target", default=BUILTIN_TARGET, help=f"target model: built-in name, folder or .gguf (default {BUILTIN_TARGET})")
     parser.add_argument("--draft", default=SHIPPED_DRAFT, help=f"draft model: built-in name, folder or .gguf (default {SHIPPED_DRAFT})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: CUDA when available)")
@@ -61,12 +68,15 @@ def run(args) -> int:
 
     # Check every setting and the output path before spending seconds on loading models.
     draft_len = 0 if args.target_only else args.draft_len
+    if args.predraft and draft_len < 1:
+        raise BpsimError(f"--predraft needs drafts; got draft_len {draft_len}, pass --draft-len 1 or more")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     config = DecodeConfig(draft_len=draft_len, max_new_tokens=args.max_new_tokens, sampling=sampling)
     check_output(args.out, overwrite=args.force)
     suite = load_suite(args.suite, args.limit)
     pair = _load_models(args.target, args.draft if draft_len > 0 else None, args.device, args.dtype)
-    return record(pair, suite, config, args.out, overwrite=args.force, suite_arg=args.suite)
+    return record(pair, suite, config, args.out, overwrite=args.force, suite_arg=args.suite,
+                  predraft_backend=args.backend if args.predraft else None)
 
 
 def _load_models(target: str, draft: str | None, device: str, dtype: str):
@@ -81,8 +91,13 @@ def _load_models(target: str, draft: str | None, device: str, dtype: str):
     return ModelPair(loaded, None, tokenizer, torch_device, torch_dtype)
 
 
-def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: str | None = None) -> int:
-    """Decode every prompt of ``suite``, write the trace to ``out`` and print a summary; return the exit code."""
+def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: str | None = None,
+           predraft_backend: str | None = None) -> int:
+    """Decode every prompt of ``suite``, write the trace to ``out`` and print a summary; return the exit code.
+
+    With ``predraft_backend`` the decoder pre-drafts every next round on that backend, assuming all
+    drafts are accepted.
+    """
     from tqdm import tqdm
 
     from bpsim.decoding import SpeculativeDecoder
@@ -92,8 +107,18 @@ def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: s
 
     prompts = {prompt.prompt_id: encode_prompt(pair.tokenizer, prompt) for prompt in suite.prompts}
     metadata = run_metadata(pair, suite, config, suite_arg or suite.name, prompts)
+    if predraft_backend is None:
+        decoder = SpeculativeDecoder.from_pair(pair, config)
+    else:
+        from bpsim.branch import BranchConfig, BranchPredictedDecoder
+        from bpsim.predictors.static import StaticPredictor
+
+        predictor = StaticPredictor("all", draft_len=config.draft_len)
+        branch = BranchConfig(backend=predraft_backend)
+        decoder = BranchPredictedDecoder.from_pair(pair, config, predictor=predictor, branch=branch)
+        metadata["policy"] = {"kind": "predraft", "draft_len": config.draft_len, "predictor": predictor.to_config(),
+                              "branch": branch.to_dict()}
     writer = TraceWriter(out, metadata, overwrite=overwrite)
-    decoder = SpeculativeDecoder.from_pair(pair, config)
     totals = {"rounds": 0, "accepted": 0, "drafted_rounds": 0, "tokens": 0, "round_ms": 0.0}
     started = time.perf_counter()
     progress = tqdm(suite.prompts, desc="record", unit="request", file=sys.stderr)
@@ -107,6 +132,7 @@ def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: s
                 progress.set_postfix(accepted=f"{totals['accepted'] / totals['drafted_rounds']:.2f}")
     except KeyboardInterrupt:
         progress.close()
+        _close(decoder)
         if writer.requests == 0:
             print(f"interrupted before the first request finished; nothing was written to {out}", file=sys.stderr)
             return 130
@@ -114,9 +140,16 @@ def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: s
         print(f"interrupted: kept the {writer.requests} finished requests of {len(suite)} in {path}", file=sys.stderr)
         return 130
     progress.close()
+    _close(decoder)
     path = writer.close()
     _print_summary(path, writer.requests, totals, time.perf_counter() - started)
     return 0
+
+
+def _close(decoder) -> None:
+    close = getattr(decoder, "close", None)
+    if close is not None:
+        close()
 
 
 def _add_totals(totals: dict, rounds) -> None:
