@@ -45,10 +45,11 @@ def main() -> None:
     parser.add_argument("--draft-lens", default="1,2,4", help="speculative draft_len values to compare")
     parser.add_argument("--record-draft-len", type=int, default=4, help="draft_len of the recorder overhead pair")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every policy on every prompt")
+    parser.add_argument("--dtype", default="float32", help="weights and activations dtype of both models (default float32)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
 
-    pair = load_pair(device="cpu", dtype="float32")
+    pair = load_pair(device="cpu", dtype=args.dtype)
     suite = load_suite(args.suite)
     prompts = suite.prompts[args.skip: args.skip + args.limit]
     draft_lens = [int(x) for x in args.draft_lens.split(",")]

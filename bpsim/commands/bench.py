@@ -444,8 +444,11 @@ def describe_notes(report: dict) -> list[str]:
                      f"{check['compared']} requests")
     probe = report.get("thread_probe")
     if probe:
-        lines.append(f"thread overlap probe: sequential {probe['sequential_ms'] / 1000:.2f} s, two threads "
-                     f"{probe['concurrent_ms'] / 1000:.2f} s ({probe['speedup']:.2f}x)")
+        split = probe.get("sequential_split_ms")
+        lines.append(f"thread overlap probe (same draft and verify work): sequential on {probe.get('threads')} "
+                     f"thread(s) {probe['sequential_ms'] / 1000:.2f} s"
+                     + (f", sequential on {probe['threads_per_model']} thread(s) {split / 1000:.2f} s" if split else "")
+                     + f", two threads {probe['concurrent_ms'] / 1000:.2f} s ({probe['speedup']:.2f}x the first)")
     lines.append(f"sequential policies ran on {report['run']['torch_threads']} torch thread(s); pre-drafting policies "
                  f"on {report['run']['threads_per_model'] or report['run']['torch_threads']} per model")
     return lines
