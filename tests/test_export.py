@@ -140,3 +140,21 @@ def test_replay_cli_reads_exported_config(exported, capsys):
                  "--device", "cpu", "--draft-lens", "2,4"])
     assert code == 0
     assert exported["result"].predictor_config["family"] in capsys.readouterr().out
+
+
+def test_fitted_pair_mismatch_names_both_pairs(exported):
+    from types import SimpleNamespace
+
+    from bpsim.commands.decode import fitted_pair_mismatch
+
+    loaded = load_exported(exported["out"])
+    fitted = next(entry for entry in loaded.fitted_on["models"] if entry["draft"] is not None)
+
+    def pair(target_sha, draft_sha):
+        return SimpleNamespace(target=SimpleNamespace(name="t", sha256=target_sha),
+                               draft=SimpleNamespace(name="d", sha256=draft_sha))
+
+    same = pair(fitted["target"].get("sha256"), fitted["draft"].get("sha256"))
+    assert fitted_pair_mismatch(loaded, same) is None
+    message = fitted_pair_mismatch(loaded, pair(fitted["target"].get("sha256"), "other"))
+    assert message is not None and "fitted on" in message and "record, fit and export again" in message

@@ -82,7 +82,33 @@ def load_models(args, exported):
 
     target, draft = model_names(exported, args.target, args.draft)
     logger.info("loading target %s and draft %s on %s", target, draft, args.device)
-    return models.load_pair(target, draft, args.device, args.dtype)
+    pair = models.load_pair(target, draft, args.device, args.dtype)
+    mismatch = fitted_pair_mismatch(exported, pair)
+    if mismatch:
+        logger.warning("%s", mismatch)
+    return pair
+
+
+def fitted_pair_mismatch(exported, pair) -> str | None:
+    """Say how the loaded pair differs from the pairs the predictor was fitted on; None when it is one of them.
+
+    Models are compared by the sha256 of their weights, so a renamed copy still matches. A predictor
+    fitted on other models still decodes losslessly, but its predictions and draft lengths were
+    chosen for the acceptance and latency of those models.
+    """
+    loaded = {"target": pair.target.sha256, "draft": pair.draft.sha256 if pair.draft is not None else None}
+    fitted = [entry for entry in exported.fitted_on.get("models") or [] if isinstance(entry, dict)
+              and isinstance(entry.get("draft"), dict)]
+    if not fitted:
+        return None
+    for entry in fitted:
+        if all(isinstance(entry.get(role), dict) and entry[role].get("sha256") == loaded[role] for role in loaded):
+            return None
+    names = "; ".join(f"target {_model_name(entry.get('target'))}, draft {_model_name(entry.get('draft'))}"
+                      for entry in fitted)
+    return (f"the predictor was fitted on {names}, but the loaded target {pair.target.name} and draft "
+            f"{pair.draft.name if pair.draft is not None else None} have other weights; decoding stays lossless, "
+            "but record, fit and export again on this pair for predictions that fit it")
 
 
 def sampling_config(args):
