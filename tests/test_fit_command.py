@@ -171,3 +171,13 @@ def test_latency_trace_of_another_pair_rejected(tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err
     assert str(timing) in error and "other-draft" in error
+
+
+def test_incomplete_trace_fits_with_warning(tmp_path, caplog):
+    table = synthetic_trace(requests=6, rounds_per_request=10)
+    metadata = {**json.loads(table.schema.metadata[b"bpsim"]), "complete": False, "requests": 6}
+    path = tmp_path / "partial.parquet"
+    pq.write_table(table.replace_schema_metadata({b"bpsim": json.dumps(metadata).encode()}), path)
+    with caplog.at_level("WARNING"):
+        fit_traces([path], tmp_path / "fit", resamples=0)
+    assert any("incomplete" in record.message and str(path) in record.message for record in caplog.records)

@@ -75,6 +75,10 @@ def load_traces(paths: list[Path], pool: bool, latency_paths: list[Path] = ()):
         if table.num_rows == 0:
             raise BpsimError(f"trace {source} contains no rounds; record at least one request before fitting it")
         metadata = trace_metadata(table)
+        if metadata.get("complete") is False:
+            prompts = (metadata.get("suite") or {}).get("prompts")
+            logger.warning("trace %s is incomplete: its run stopped after %s of %s requests; the fit uses the "
+                           "requests it holds", source, metadata.get("requests", "?"), prompts or "?")
         if metadata.get("draft") is None:
             # A target-only trace only informs the latency model, so it needs the same target alone.
             targets_only.setdefault(model_pair({"target": metadata.get("target")}).split(" -> ")[0], []).append(source)
