@@ -76,7 +76,8 @@ def load_traces(paths: list[Path], pool: bool, latency_paths: list[Path] = ()):
             raise BpsimError(f"trace {source} contains no rounds; record at least one request before fitting it")
         metadata = trace_metadata(table)
         if metadata.get("complete") is False:
-            prompts = (metadata.get("suite") or {}).get("prompts")
+            suite = metadata.get("suite")
+            prompts = suite.get("prompts") if isinstance(suite, dict) else None
             logger.warning("trace %s is incomplete: its run stopped after %s of %s requests; the fit uses the "
                            "requests it holds", source, metadata.get("requests", "?"), prompts or "?")
         if metadata.get("draft") is None:
