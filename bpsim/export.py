@@ -4,13 +4,16 @@
 traces, and the seed and test fraction of its train/test split by request. The exporter
 rebuilds that split and replays every candidate on the held-out requests. The replay is exact
 from greedy profiles ``X.profile.parquet`` next to the traces, and approximate from the traces
-alone. It is kept in the fit folder as ``replay-heldout.json`` and ``replay-heldout.md``, and
-the fastest candidate is written as:
+alone. Every candidate is replayed twice: pre-drafting beside verification, and without
+pre-drafting (it then only sets draft lengths), because a pre-draft pays only where the two models
+overlap. The replay is kept in the fit folder as ``replay-heldout.json`` and ``replay-heldout.md``,
+and the fastest candidate and mode are written as:
 
     {
       "format": "bpsim-predictor", "version": 1,
       "predictor": {"version": 1, "family": ..., "params": {...}},   # Predictor.to_config()
       "draft_len_policy": {"first_draft_len": int, "max_draft_len": int},
+      "predraft": bool,                                              # pre-draft beside verification or not
       "latency": {...},                                              # LatencyModel.to_dict()
       "fitted_on": {"traces": [{"path", "sha256", "requests"}], "models": [{"target", "draft"}],
                     "sampling": [...], "fit_dir": str, "summary_created_at": str},
@@ -65,6 +68,7 @@ class ExportedPredictor:
     expected: dict
     created_at: str
     bpsim_version: str
+    predraft: bool = True  # whether the decoder pre-drafts beside verification; absent in older files means True
 
     def predictor(self) -> Predictor:
         return predictor_from_config(self.predictor_config)
@@ -73,6 +77,7 @@ class ExportedPredictor:
         return {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "predictor": self.predictor_config,
             "draft_len_policy": {"first_draft_len": self.first_draft_len, "max_draft_len": self.max_draft_len},
+            "predraft": self.predraft,
             "latency": self.latency.to_dict(), "fitted_on": self.fitted_on, "expected": self.expected,
             "created_at": self.created_at, "bpsim_version": self.bpsim_version,
         }
@@ -127,8 +132,8 @@ def validate_exported(data, source: str = "the exported config") -> ExportedPred
                           "bpsim reads; upgrade bpsim to load it")
     if version < 1:
         raise ExportError(f"{source}: field 'version' is {version}, but versions start at 1; {fix}")
-    _check_keys(data, ("format", "version", "predictor", "draft_len_policy", "latency", "fitted_on", "expected",
-                       "created_at", "bpsim_version"), source)
+    _check_keys(data, ("format", "version", "predictor", "draft_len_policy", "predraft", "latency", "fitted_on",
+                       "expected", "created_at", "bpsim_version"), source)
 
     config = _require(data, "predictor", dict, source, fix)
     config_where = f"{source}: field 'predictor'"
@@ -195,10 +200,11 @@ def validate_exported(data, source: str = "the exported config") -> ExportedPred
 
     created_at = _require(data, "created_at", str, source, fix)
     bpsim_version = _require(data, "bpsim_version", str, source, fix)
+    predraft = _require(data, "predraft", bool, source, fix) if "predraft" in data else True
     del predictor  # built only to validate the config
     return ExportedPredictor(predictor_config=config, first_draft_len=first, max_draft_len=maximum, latency=latency,
                              fitted_on=fitted_on, expected=expected, created_at=created_at,
-                             bpsim_version=bpsim_version)
+                             bpsim_version=bpsim_version, predraft=predraft)
 
 
 def load_exported(path: Path | str) -> ExportedPredictor:
@@ -292,14 +298,16 @@ def heldout_replay(fit_dir: Path, summary: dict, device: str = "auto", bootstrap
     if path.is_file() and not recompute:
         kept = json.loads(path.read_text())
         if (kept.get("summary_created_at") == summary.get("created_at")
-                and kept.get("candidate_configs") == configs):
+                and kept.get("candidate_configs") == configs and kept.get("sequential")):
             logger.info("using the held-out replay kept in %s", path)
             return kept
         logger.info("%s was computed for another fit; replaying again", path)
     table, held_out = held_out_table(summary)
     predictors = [predictor_from_config(config) for config in configs]
-    result = replay(table, predictors, device=device, bootstrap=bootstrap, seed=seed, threads=threads)
+    result = replay(table, predictors, sequential=True, device=device, bootstrap=bootstrap, seed=seed,
+                    threads=threads)
     data = {**result.to_dict(), "summary_created_at": summary.get("created_at"), "candidate_configs": configs,
+            "sequential": True,
             "held_out": held_out, "held_out_request_labels": list(table.request_labels)}
     write_text(path, json.dumps(data, indent=1, allow_nan=False))
     write_text(path.with_suffix(".md"), result.to_markdown())
@@ -350,10 +358,11 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
     summary = read_summary(fit_dir)
     data = heldout_replay(fit_dir, summary, device=device, bootstrap=bootstrap, seed=seed, recompute=recompute,
                           threads=threads)
-    predicted = [policy for policy in data["policies"] if policy["kind"] == "predicted"]
+    predicted = [policy for policy in data["policies"] if policy["kind"] in ("predicted", "sequential")]
     if not predicted:
         raise ExportError(f"{fit_dir / HELDOUT_REPLAY} contains no predictor; replay again with --recompute")
-    winner = max(predicted, key=lambda policy: policy["tokens_per_s"]["value"])
+    # On a tie (a predictor that never drafts) the mode without pre-drafting wins, because it needs no worker.
+    winner = max(predicted, key=lambda policy: (policy["tokens_per_s"]["value"], policy["kind"] == "sequential"))
     best_plain = max((p for p in data["policies"] if p["kind"] in ("plain", "target")),
                      key=lambda policy: policy["tokens_per_s"]["value"])
     if winner["tokens_per_s"]["value"] < best_plain["tokens_per_s"]["value"]:
@@ -372,7 +381,7 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
         fitted_on={"traces": traces, "models": models, "sampling": sampling, "fit_dir": str(fit_dir),
                    "summary_created_at": summary.get("created_at")},
         expected=expected, created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        bpsim_version=__version__)
+        bpsim_version=__version__, predraft=winner["kind"] == "predicted")
     validated = validate_exported(json.loads(json.dumps(exported.to_dict())), "the config being exported")
     write_text(out, json.dumps(validated.to_dict(), indent=1, allow_nan=False) + "\n")
     logger.info("exported %s to %s", winner["name"], out)

@@ -255,7 +255,7 @@ class LatencyModel:
             if timed.sum() >= 3 and np.ptp(hideable) > 1e-6 * np.max(hideable):
                 slope, intercept = np.polyfit(hideable, excess, 1)
                 overlap, overhead = -slope, intercept
-                if overhead < 0:  # a negative fixed cost is not physical; refit the overlap alone
+                if overhead < 0:  # A negative fixed cost is not physical, so refit the overlap alone.
                     overlap, overhead = -float(np.sum(excess * hideable) / np.sum(hideable ** 2)), 0.0
             else:
                 overlap = -float(np.sum(excess) / np.sum(hideable))
@@ -292,7 +292,7 @@ def fit_from_table(table) -> LatencyModel:
 
 
 def _next_draft_len(table) -> np.ndarray:
-    """The draft_len of the next round of the same request, 0 on a request's last round, (rounds,)."""
+    """Return the draft_len of the next round of the same request, 0 on a request's last round, (rounds,)."""
     draft_len = table.column("draft_len").to_numpy(zero_copy_only=False).astype(float)
     following = np.zeros(len(draft_len))
     if len(draft_len) > 1:
@@ -301,7 +301,7 @@ def _next_draft_len(table) -> np.ndarray:
 
 
 def _continues(table) -> np.ndarray:
-    """Whether row i + 1 is the next round of row i's request, (rounds - 1,) bool.
+    """Flag the rows i whose row i + 1 is the next round of the same request, (rounds - 1,) bool.
 
     The round number is compared too, so two traces concatenated with the same request ids at
     their boundary do not join.

@@ -12,6 +12,9 @@ then emits token s + a. Policies:
   branch point while the target verifies. The pre-draft is kept when the predicted count equals
   the accepted one and the guessed branch token is right: the draft's second-best token at a
   rejection (``second_match``), or its own next token after an all-accepted round (``match``).
+- ``sequential``: as ``predicted``, but nothing is pre-drafted: the predictor only sets the next
+  draft_len, which the next round drafts after the verdict. It is the right choice where a
+  pre-draft beside verification costs more than it saves (a negative or small overlap);
 - ``exhaustive``: as ``predicted``, but the pre-draft runs in one batch on the ``width`` branch
   points nearest the prediction (width 0 means all n + 1). It is kept when the accepted count is
   any of them, and its compute is ``LatencyModel.predraft_ms`` of the batch;
@@ -154,13 +157,14 @@ def _features(batch: ReplayBatch, row: torch.Tensor, pos: torch.Tensor, n: torch
 
 
 def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_lens=None,
-             stepper: LaneStepper | None = None, first_draft_lens=None, widths=None, record: bool = False
-             ) -> LaneTotals:
+             stepper: LaneStepper | None = None, first_draft_lens=None, widths=None, predrafting=None,
+             record: bool = False) -> LaneTotals:
     """Step ``configs x batch.rows`` lanes (config-major) round by round until every request ends.
 
     Plain policies give ``draft_lens`` (configs,); branch-predicted ones give a ``stepper`` and
     ``first_draft_lens`` (configs,) or (lanes,), plus ``widths`` (configs,) for the exhaustive
-    strategy (1 = one branch point, 0 = all of them).
+    strategy (1 = one branch point, 0 = all of them) and ``predrafting`` (configs,) bool, False for
+    configurations that only set draft lengths and never pre-draft (default True).
     """
     if (draft_lens is None) == (stepper is None):
         raise ValueError("pass either draft_lens (plain policies) or a stepper (predicted policies)")
@@ -180,6 +184,8 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
 
     next_len = per_lane(draft_lens if stepper is None else first_draft_lens)
     branches_setting = per_lane(widths) if widths is not None else torch.ones(lanes, dtype=torch.long, device=device)
+    allowed = (per_lane([bool(flag) for flag in predrafting]).bool() if predrafting is not None
+               else torch.ones(lanes, dtype=torch.bool, device=device))
     zeros_f = torch.zeros(lanes, dtype=torch.float64, device=device)
     zeros_i = torch.zeros(lanes, dtype=torch.long, device=device)
     pos = zeros_i.clone()
@@ -216,7 +222,7 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
             first_branch = torch.clamp(torch.minimum(predicted - (branches - 1) // 2, n + 1 - branches), min=0)
             covered = (accepted >= first_branch) & (accepted < first_branch + branches)
             token_right = torch.where(accepted < n, second[index + accepted], match[index + n])
-            predraft = continues & (proposed > 0)
+            predraft = continues & (proposed > 0) & allowed
             hit = predraft & covered & token_right
             round_ms = round_ms + torch.where(predraft, costs.predraft_cost_ms(proposed, verify, branches), zeros_f)
             ready = hit
@@ -522,7 +528,8 @@ def _slice_batch(batch: ReplayBatch, start: int, stop: int) -> ReplayBatch:
 
 
 def _simulate_predictors(batch: ReplayBatch, latency: LatencyModel, predictors: list[Predictor], widths: list[int],
-                         first_lens: list[int] | None, grid_max: int, vectorised: bool) -> list[LaneTotals]:
+                         first_lens: list[int] | None, grid_max: int, vectorised: bool,
+                         predrafting: list[bool] | None = None) -> list[LaneTotals]:
     """Simulate same-group predictors (one entry per policy), chunking lanes to bound the stepper's state."""
     max_len = max(max_draft_len_of(p, grid_max) for p in predictors)
     prompts = batch.prompt_len.cpu().numpy()
@@ -541,6 +548,7 @@ def _simulate_predictors(batch: ReplayBatch, latency: LatencyModel, predictors: 
     for config_start in range(0, len(predictors), config_chunk):
         chunk = predictors[config_start:config_start + config_chunk]
         chunk_widths = widths[config_start:config_start + config_chunk]
+        chunk_flags = None if predrafting is None else predrafting[config_start:config_start + config_chunk]
         row_parts = []
         for row_start in range(0, batch.rows, row_chunk):
             part = _slice_batch(batch, row_start, min(row_start + row_chunk, batch.rows))
@@ -550,7 +558,8 @@ def _simulate_predictors(batch: ReplayBatch, latency: LatencyModel, predictors: 
                 first = torch.tensor([first_lens[config_start + i] for i in range(len(chunk))]).repeat_interleave(part.rows)
             else:
                 first = _first_lens(chunk, part)
-            totals = simulate(part, latency, len(chunk), stepper=stepper, first_draft_lens=first, widths=chunk_widths)
+            totals = simulate(part, latency, len(chunk), stepper=stepper, first_draft_lens=first, widths=chunk_widths,
+                              predrafting=chunk_flags)
             row_parts.append(_split_lanes(totals, len(chunk)))
         for config in range(len(chunk)):
             results.append(_concat_rows([parts[config] for parts in row_parts]))
@@ -569,12 +578,14 @@ def _first_lens(predictors: list[Predictor], batch: ReplayBatch) -> torch.Tensor
 
 
 def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | None = None,
-           draft_lens=DEFAULT_DRAFT_LENS, exhaustive_widths=(), first_draft_len: int | None = None,
+           draft_lens=DEFAULT_DRAFT_LENS, exhaustive_widths=(), sequential: bool = False,
+           first_draft_len: int | None = None,
            oracle: bool = True, device: str | torch.device = "auto", samples: int | None = None,
            bootstrap: int = DEFAULT_BOOTSTRAP, confidence: float = 0.95, seed: int = 0,
            vectorised: bool = True, threads: int | None = None, progress: bool = False) -> ReplayResult:
     """Replay target-only, plain speculative decoding at each of ``draft_lens``, every predictor, the
-    exhaustive strategy at each of ``exhaustive_widths`` for every predictor, and the oracle.
+    exhaustive strategy at each of ``exhaustive_widths`` for every predictor, with ``sequential``
+    every predictor once more without pre-drafting, and the oracle.
 
     ``latency`` defaults to the model fitted from the table's traces. ``first_draft_len`` sets
     the first round of every predicted policy (default: each predictor's own, see
@@ -589,12 +600,13 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
         threads = DEFAULT_CPU_THREADS
     with intra_op_threads(threads):
         return _replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=exhaustive_widths,
-                       first_draft_len=first_draft_len, oracle=oracle, device=device, samples=samples,
+                       sequential=sequential, first_draft_len=first_draft_len, oracle=oracle, device=device, samples=samples,
                        bootstrap=bootstrap, confidence=confidence, seed=seed, vectorised=vectorised,
                        progress=progress)
 
 
-def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_draft_len, oracle, device, samples,
+def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequential, first_draft_len, oracle, device,
+            samples,
             bootstrap, confidence, seed, vectorised, progress) -> ReplayResult:
     started = time.perf_counter()
     latency = latency or table.latency
@@ -612,10 +624,13 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_
     batch = realize(table, samples=samples, seed=seed, device=device)
     predictors = list(predictors)
     runs: list[_Run] = []
-    jobs = [(predictor, 1) for predictor in predictors]
-    jobs += [(predictor, int(width)) for width in exhaustive_widths for predictor in predictors]
+    # (predictor, width, pre-drafts): width 1 is one branch point, 0 all of them.
+    jobs = [(predictor, 1, True) for predictor in predictors]
+    jobs += [(predictor, int(width), True) for width in exhaustive_widths for predictor in predictors]
+    if sequential:
+        jobs += [(predictor, 1, False) for predictor in predictors]
     groups: dict[tuple, list[int]] = {}
-    for index, (predictor, _) in enumerate(jobs):
+    for index, (predictor, _, _) in enumerate(jobs):
         groups.setdefault(stepper_group_key(predictor), []).append(index)
     bar = tqdm(total=1 + len(groups) + int(oracle), desc="replay", unit="group", disable=not progress)
 
@@ -632,17 +647,20 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, first_
     for indices in groups.values():
         members = [jobs[i][0] for i in indices]
         widths = [jobs[i][1] for i in indices]
+        flags = [jobs[i][2] for i in indices]
         first = [first_draft_len] * len(members) if first_draft_len is not None else None
         grid_max = max(max(draft_lens), first_draft_len or 0)
         for index, totals in zip(indices, _simulate_predictors(batch, latency, members, widths, first, grid_max,
-                                                                vectorised)):
+                                                                vectorised, flags)):
             job_totals[index] = totals
         bar.update()
-    for index, (predictor, width) in enumerate(jobs):
+    for index, (predictor, width, predrafts) in enumerate(jobs):
         label = predictor_label(predictor)
         totals = job_totals[index]
         first = first_draft_len if first_draft_len is not None else first_draft_len_summary(predictor, table)
-        if width == 1:
+        if not predrafts:
+            runs.append(_Run(f"sequential:{label}", "sequential", totals, predictor.to_config(), first))
+        elif width == 1:
             runs.append(_Run(label, "predicted", totals, predictor.to_config(), first))
         else:
             runs.append(_Run(f"exhaustive:width={width or 'all'}+{label}", "exhaustive", totals,
@@ -729,7 +747,8 @@ def _summarise(runs: list[_Run], batch: ReplayBatch, groups: int, bootstrap: int
             speedup_vs_target=interval(speed[:, i] / speed[:, target]),
             speedup_vs_best_plain=interval(speed[:, i] / speed[:, best]),
             hit_rate=interval(hit_rate[:, i]) if predicting else None,
-            branch_accuracy=interval(accuracy[:, i]) if run.kind in ("predicted", "exhaustive") else None,
+            branch_accuracy=(interval(accuracy[:, i]) if run.kind in ("predicted", "exhaustive", "sequential")
+                             else None),
             wasted_per_token=float((totals.rejected.sum() + totals.discarded.sum()) / max(tokens, 1)),
             rounds=int(totals.rounds.sum()), tokens=tokens, time_s=float(totals.time_ms.sum() / 1000.0),
             predrafts=int(totals.predrafts.sum()), hits=int(totals.hits.sum()),

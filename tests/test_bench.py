@@ -118,13 +118,15 @@ def test_text_stream_holds_back_split_character():
 
 
 @pytest.mark.slow
-def test_bench_end_to_end(use_real_pair, tmp_path, capsys):
+@pytest.mark.parametrize("predraft", ["auto", "off"])
+def test_bench_end_to_end(use_real_pair, tmp_path, capsys, predraft):
     config = tmp_path / "predictor.json"
     write_exported(config, StaticPredictor("all", draft_len=3))
     out = tmp_path / "bench"
 
     assert cli.main(["bench", "--config", str(config), "--suite", "mt-bench", "--limit", "1", "--max-new-tokens", "8",
-                     "--bootstrap", "20", "--warmup", "0", "--exhaustive", "0", "--out", str(out)]) == 0
+                     "--bootstrap", "20", "--warmup", "0", "--exhaustive", "0", "--predraft", predraft,
+                     "--out", str(out)]) == 0
     printed = capsys.readouterr().out
 
     report = json.loads((out / "bench.json").read_text())
@@ -147,6 +149,13 @@ def test_bench_end_to_end(use_real_pair, tmp_path, capsys):
     assert "oracle ceiling" in printed
     assert "branch:static" in printed
     assert "| `branch:static" in (out / "bench.md").read_text()
+
+    branch = next(policy for policy in report["policies"] if policy["kind"] == "branch")
+    replayed_as = report["simulation"]["predicted"][branch["name"]]["replayed_as"]
+    assert replayed_as.startswith("sequential:") == (predraft == "off")
+    branch_trace = read_trace(out / "traces" / trace_name(branch["name"]))
+    predrafted = branch_trace.column("predraft_ms").null_count < branch_trace.num_rows
+    assert predrafted == (predraft != "off")
 
     traces = sorted((out / "traces").glob("*.parquet"))
     assert len(traces) == 6

@@ -158,3 +158,34 @@ def test_fitted_pair_mismatch_names_both_pairs(exported):
     assert fitted_pair_mismatch(loaded, same) is None
     message = fitted_pair_mismatch(loaded, pair(fitted["target"].get("sha256"), "other"))
     assert message is not None and "fitted on" in message and "record, fit and export again" in message
+
+
+def test_export_records_the_faster_predraft_mode(exported):
+    loaded = load_exported(exported["out"])
+    kept = json.loads((exported["fit_dir"] / HELDOUT_REPLAY).read_text())
+    kinds = {policy["kind"] for policy in kept["policies"]}
+    assert {"predicted", "sequential"} <= kinds
+    winner = max((p for p in kept["policies"] if p["kind"] in ("predicted", "sequential")),
+                 key=lambda p: (p["tokens_per_s"]["value"], p["kind"] == "sequential"))
+    assert loaded.predraft == (winner["kind"] == "predicted")
+
+
+def test_export_turns_predraft_off_where_it_costs(exported, tmp_path):
+    import shutil
+
+    fit_dir = tmp_path / "fit"
+    shutil.copytree(exported["fit_dir"], fit_dir)
+    summary = json.loads((fit_dir / "summary.json").read_text())
+    summary["latency"] = {**summary["latency"], "predraft_overlap": -1.0, "predraft_overhead_ms": 50.0}
+    (fit_dir / "summary.json").write_text(json.dumps(summary))
+    result = export_winner(fit_dir, tmp_path / "predictor.json", device="cpu", bootstrap=20, recompute=True)
+    assert result.predraft is False
+    assert load_exported(tmp_path / "predictor.json").predraft is False
+
+
+def test_export_without_predraft_field_reads_as_predrafting(exported, tmp_path):
+    data = json.loads(exported["out"].read_text())
+    del data["predraft"]
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps(data))
+    assert load_exported(path).predraft is True

@@ -445,3 +445,19 @@ def test_huge_pattern_table_uses_scalar_path(caplog):
         result = replay(table, [predictor], oracle=False, bootstrap=10, device="cpu")
     assert "one lane at a time" in caplog.text
     assert result.policy("two-level:history=8,draft_len=3").rounds > 0
+
+
+def test_sequential_predictor_pays_no_predraft():
+    # Without pre-drafting, a predictor that always asks for 2 drafts decodes exactly as plain
+    # speculative decoding at draft_len 2, however costly a pre-draft would be.
+    latency = LatencyModel(draft_ms_per_token=2.0, verify_base_ms=10.0, verify_ms_per_token=1.0,
+                           predraft_overlap=-1.0, predraft_overhead_ms=5.0)
+    table = random_table(requests=5, latency=latency, seed=4)
+    result = replay(table, [StaticPredictor("zero", draft_len=2)], draft_lens=[2], sequential=True, oracle=False,
+                    bootstrap=10, device="cpu")
+    sequential = result.policy("sequential:static:choice=zero,draft_len=2")
+    plain = result.policy("plain:draft_len=2")
+    assert sequential.kind == "sequential"
+    assert sequential.predrafts == 0 and sequential.hits == 0
+    assert sequential.time_s == pytest.approx(plain.time_s, rel=1e-12)
+    assert result.policy("static:choice=zero,draft_len=2").time_s > sequential.time_s

@@ -91,7 +91,9 @@ class BenchPolicy:
 
     @property
     def predrafts(self) -> bool:
-        return self.kind in ("pearl", "branch", "exhaustive")
+        if self.kind == "branch":
+            return self.settings["branch"]["predraft"]
+        return self.kind in ("pearl", "exhaustive")
 
     def close(self) -> None:
         close = getattr(self.decoder, "close", None)
@@ -115,6 +117,8 @@ def build_policies(pair, exported, predictor_factory: Callable[[], object], *, p
 
     n = plain_draft_len
     pearl = StaticPredictor("all", draft_len=n)
+    # PEARL-style and exhaustive policies pre-draft whatever the exported mode is.
+    predrafting = dataclasses.replace(branch, predraft=True)
     rule = PlusTwoMinusOne(n, heuristic_max_draft_len)
     predictor = predictor_factory()
     label = predictor_label(predictor)
@@ -123,8 +127,8 @@ def build_policies(pair, exported, predictor_factory: Callable[[], object], *, p
         BenchPolicy(f"plain:draft_len={n}", "plain", SpeculativeDecoder.from_pair(pair, config(n)), first_draft_len=n),
         BenchPolicy(f"pearl:draft_len={n}", "pearl",
                     BranchPredictedDecoder.from_pair(pair, config(n), predictor=pearl,
-                                                     branch=dataclasses.replace(branch, width=1)),
-                    pearl.to_config(), n, {"branch": dataclasses.replace(branch, width=1).to_dict()}),
+                                                     branch=dataclasses.replace(predrafting, width=1)),
+                    pearl.to_config(), n, {"branch": dataclasses.replace(predrafting, width=1).to_dict()}),
         BenchPolicy("plus2-minus1", "plus2-minus1",
                     BranchPredictedDecoder.from_pair(pair, config(n), branch=BranchConfig(predraft=False),
                                                      draft_len_rule=rule),
@@ -135,7 +139,7 @@ def build_policies(pair, exported, predictor_factory: Callable[[], object], *, p
                     exported.predictor_config, exported.first_draft_len, {"branch": branch.to_dict()}),
     ]
     if exhaustive is not None:
-        wide = dataclasses.replace(branch, width=exhaustive)
+        wide = dataclasses.replace(predrafting, width=exhaustive)
         policies.append(BenchPolicy(
             f"exhaustive:width={exhaustive or 'all'}+{label}", "exhaustive",
             BranchPredictedDecoder.from_pair(pair, config(exported.first_draft_len), predictor=predictor_factory(),
@@ -344,15 +348,18 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
     n = plain.first_draft_len
     common = {"latency": latency, "draft_lens": [n], "device": "cpu", "bootstrap": bootstrap,
               "confidence": confidence}
+    branch_policy = next(policy for policy in policies if policy.kind == "branch")
+    branch_predrafts = branch_policy.settings["branch"]["predraft"]
     branch = replay(table, [predictor_factory()], first_draft_len=exported.first_draft_len,
-                    exhaustive_widths=[exhaustive] if exhaustive is not None else (), **common)
+                    exhaustive_widths=[exhaustive] if exhaustive is not None else (),
+                    sequential=not branch_predrafts, **common)
     pearl = replay(table, [StaticPredictor("all", draft_len=n)], first_draft_len=n, oracle=False, **common)
     predicted = {}
     for policy in policies:
         if policy.kind in ("target", "plain"):
             source = branch.policy("target" if policy.kind == "target" else f"plain:draft_len={n}")
         elif policy.kind == "branch":
-            source = next(p for p in branch.policies if p.kind == "predicted")
+            source = next(p for p in branch.policies if p.kind == ("predicted" if branch_predrafts else "sequential"))
         elif policy.kind == "exhaustive":
             source = next(p for p in branch.policies if p.kind == "exhaustive")
         elif policy.kind == "pearl":
@@ -568,7 +575,7 @@ def run(args) -> int:
         raise BpsimError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     exported = load_exported(args.config)
     sampling = sampling_config(args)
-    branch = branch_config(args)
+    branch = branch_config(args, exported)
     plain_len, plain_source = plain_draft_len_of(args, exported)
     heuristic_max = args.heuristic_max_draft_len or max(exported.max_draft_len, plain_len)
     if heuristic_max < plain_len:

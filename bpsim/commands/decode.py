@@ -34,6 +34,10 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "thread", "cuda-stream", "inline"],
                         help="how the pre-draft runs beside verification: auto picks cuda-stream on CUDA and "
                              "thread on CPU; inline runs it afterwards, without overlap (default auto)")
+    parser.add_argument("--predraft", choices=("auto", "on", "off"), default="auto",
+                        help="pre-draft the next round beside verification (on), or only let the predictor set "
+                             "draft lengths (off); auto follows the exported config, which chose the faster mode "
+                             "in its held-out replay (default auto)")
     parser.add_argument("--threads-per-model", type=int, default=1,
                         help="torch intra-op threads per model while pre-drafting on the thread backend (default 1)")
 
@@ -163,12 +167,15 @@ def load_predictor(exported):
     return build_predictors([exported.predictor_config], exported.latency)[0]
 
 
-def branch_config(args):
+def branch_config(args, exported):
+    """Build the pre-draft settings from the options; ``--predraft auto`` takes the exported config's mode."""
     from bpsim.branch import BranchConfig
     from bpsim.decoding import DecodingError
 
+    predraft = exported.predraft if args.predraft == "auto" else args.predraft == "on"
     try:
-        return BranchConfig(width=args.width, backend=args.backend, threads_per_model=args.threads_per_model)
+        return BranchConfig(predraft=predraft, width=args.width, backend=args.backend,
+                            threads_per_model=args.threads_per_model)
     except DecodingError as error:
         raise BpsimError(f"invalid pre-draft option: {error}") from error
 
@@ -251,7 +258,7 @@ def run(args) -> int:
         raise BpsimError("--limit applies to --suite only; drop it or decode a suite")
     exported = load_exported(args.config)
     sampling = sampling_config(args)
-    branch = branch_config(args)
+    branch = branch_config(args, exported)
     if args.out is not None and args.out.exists() and not args.force:
         raise BpsimError(f"{args.out} already exists; pass --force to overwrite it or choose another --out")
     pair = load_models(args, exported)

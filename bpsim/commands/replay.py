@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--draft-lens", default="1,2,3,4,5,6,7,8",
                         help="plain speculative draft lengths, comma-separated (default 1..8); "
                              "target-only decoding (0) is always replayed")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also replay every predictor without pre-drafting: it only sets the next draft_len")
     parser.add_argument("--exhaustive", default="",
                         help="comma-separated branch counts for the exhaustive strategy, applied to every "
                              "predictor ('all' = every branch point); default none")
@@ -164,6 +166,7 @@ def run(args) -> int:
     predictors = build_predictors(configs, latency)
 
     result = replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=widths,
+                    sequential=args.sequential,
                     first_draft_len=args.first_draft_len, device=args.device, samples=args.samples,
                     bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed, threads=args.threads,
                     progress=sys.stderr.isatty())
