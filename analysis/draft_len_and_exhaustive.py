@@ -9,7 +9,8 @@ Both come from one exact greedy replay (``bpsim replay``) with the latency model
 traces next to the profiles, so they cost seconds, not model runs.
 
     python analysis/draft_len_and_exhaustive.py traces/mt-bench-greedy-k4.profile.parquet \
-        traces/mt-bench-greedy-target.parquet --out docs/experiments
+        traces/mt-bench-greedy-target.parquet \
+        --latency-traces traces/mt-bench-greedy-k4-predraft.parquet --out docs/experiments
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def replay(inputs: list[str], scratch: Path) -> dict:
+def replay(inputs: list[str], latency_traces: list[str], scratch: Path) -> dict:
     command = [sys.executable, "-m", "bpsim.cli", "replay", *inputs, "--draft-lens", "1,2,3,4,5,6,7,8",
                "--exhaustive", "2,4,all", "--device", "cpu", "--out", str(scratch)]
+    if latency_traces:
+        command += ["--latency-traces", *latency_traces]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads((scratch / "replay.json").read_text())
 
@@ -37,9 +40,11 @@ def replay(inputs: list[str], scratch: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="profiles and traces, as bpsim replay takes them")
+    parser.add_argument("--latency-traces", nargs="+", default=[],
+                        help="pre-drafting traces that time the overlap (bpsim record --predraft)")
     parser.add_argument("--out", type=Path, required=True, help="folder for experiments.md and the plots")
     args = parser.parse_args()
-    result = replay(args.inputs, Path(tempfile.mkdtemp(prefix="bpsim-experiments-")))
+    result = replay(args.inputs, args.latency_traces, Path(tempfile.mkdtemp(prefix="bpsim-experiments-")))
     policies = result["policies"]
     args.out.mkdir(parents=True, exist_ok=True)
 

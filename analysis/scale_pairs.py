@@ -5,9 +5,12 @@ same trace with each draft gives each pair's exact greedy acceptances on the sam
 draft's cost comes from its card: the latency model fitted on the trace's timings (recorded
 with the shipped 4-layer draft) gets ``draft_ms_per_token`` scaled by the ratio of the drafts'
 measured per-token latencies, set with ``--assume`` and labelled as assumed in the output.
+With ``--predraft-trace`` (a trace of the shipped pair recorded with ``bpsim record --predraft``)
+the pre-draft overlap and overhead measured with the shipped draft are assumed for every draft.
 Build the other drafts first: ``bpsim draft build --layers 2`` and ``--layers 6``.
 
     python analysis/scale_pairs.py traces/mt-bench-greedy-k4.parquet traces/mt-bench-greedy-target.parquet \
+        --predraft-trace traces/mt-bench-greedy-k4-predraft.parquet \
         --drafts smollm2-135m-draft2,smollm2-135m-draft4,smollm2-135m-draft6 --out docs/experiments
 """
 
@@ -36,8 +39,11 @@ def main() -> None:
     parser.add_argument("target_only", type=Path, help="a target-only trace of the same target, for verify timings")
     parser.add_argument("--drafts", default="smollm2-135m-draft2,smollm2-135m-draft4,smollm2-135m-draft6")
     parser.add_argument("--reference-draft", default="smollm2-135m-draft4", help="the draft the trace was recorded with")
+    parser.add_argument("--predraft-trace", type=Path, default=None,
+                        help="a pre-drafting trace of the shipped pair, whose measured overlap every draft assumes")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    predraft_assumptions = _predraft_assumptions(args) if args.predraft_trace else []
 
     cards = {}
     for name in args.drafts.split(","):
@@ -62,7 +68,7 @@ def main() -> None:
         fitted = _fitted_draft_ms(profile, args.target_only, folder)
         scaled = fitted * card["latency"]["draft_ms_per_token"] / reference_ms
         bpsim("replay", str(profile), str(args.target_only), "--device", "cpu", "--assume",
-              f"draft_ms_per_token={scaled}", "--out", str(replay))
+              f"draft_ms_per_token={scaled}", *predraft_assumptions, "--out", str(replay))
         result = json.loads((replay / "replay.json").read_text())
         policies = {p["name"]: p for p in result["policies"]}
         plain = [p for p in result["policies"] if p["kind"] == "plain"]
@@ -95,6 +101,21 @@ def main() -> None:
     (args.out / "scale-pairs.md").write_text("\n".join(lines) + "\n")
     (args.out / "scale-pairs.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
+
+
+def _predraft_assumptions(args) -> list[str]:
+    """Return ``--assume`` arguments with the overlap and overhead fitted on the shipped pair's traces."""
+    import pyarrow as pa
+
+    from bpsim.latency import fit_from_table
+
+    tables = [read_trace(path).replace_schema_metadata(None)
+              for path in (args.trace, args.target_only, args.predraft_trace)]
+    model = fit_from_table(pa.concat_tables(tables, promote_options="permissive"))
+    print(f"pre-draft overlap {model.predraft_overlap:.3f}, overhead {model.predraft_overhead_ms:.3f} ms, "
+          f"measured with {args.reference_draft}")
+    return ["--assume", f"predraft_overlap={model.predraft_overlap}",
+            "--assume", f"predraft_overhead_ms={model.predraft_overhead_ms}"]
 
 
 def _fitted_draft_ms(profile: Path, target_only: Path, folder: Path) -> float:

@@ -415,11 +415,13 @@ def trace_outcomes(table: pa.Table, source: str) -> dict:
             "approximation": approximation, "metadata": _metadata(table)}
 
 
-def load_acceptance(paths, latency: LatencyModel | None = None) -> AcceptanceTable:
+def load_acceptance(paths, latency: LatencyModel | None = None, latency_paths=()) -> AcceptanceTable:
     """Read traces and profiles into one table; fit the latency model from their traces' timings.
 
     A profile ``X.profile.parquet`` takes its timings and prompt lengths from ``X.parquet`` when
     that file exists. Files of different target/draft pairs cannot be replayed together.
+    ``latency_paths`` are traces of the same pair whose timings join the latency fit and whose
+    accepted counts are not replayed, for example a pre-drafting trace.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -469,6 +471,17 @@ def load_acceptance(paths, latency: LatencyModel | None = None) -> AcceptanceTab
         if target not in targets:
             raise ReplayInputError(f"target-only trace {path} was recorded with target {target}, but the other files "
                                    f"use {', '.join(sorted(map(str, targets)))}; replay one target at a time")
+    for path in map(Path, latency_paths):
+        trace = _read_trace(path)
+        if trace.num_rows == 0:
+            raise ReplayInputError(f"latency trace {path} contains no rounds; record at least one request")
+        target, draft = model_pair(_metadata(trace))
+        expected = set(pairs.values())
+        if (target, draft) not in expected and not (draft is None and target in targets):
+            listing = ", ".join(f"target {t}, draft {d}" for t, d in sorted(expected, key=str))
+            raise ReplayInputError(f"latency trace {path} was recorded with target {target}, draft {draft}, but the "
+                                   f"replayed files use {listing}; time the same pair")
+        traces.append(trace)
     if latency is None:
         if not traces:
             raise ReplayInputError("no trace timings to fit a latency model on; put the trace next to its profile "

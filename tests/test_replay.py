@@ -461,3 +461,19 @@ def test_sequential_predictor_pays_no_predraft():
     assert sequential.predrafts == 0 and sequential.hits == 0
     assert sequential.time_s == pytest.approx(plain.time_s, rel=1e-12)
     assert result.policy("static:choice=zero,draft_len=2").time_s > sequential.time_s
+
+
+def test_latency_traces_join_fit_not_replay(tmp_path):
+    from test_fit_command import predrafting_trace
+
+    trace = write_synthetic(tmp_path / "t.parquet", requests=4, rounds_per_request=12, draft_len=(2, 4),
+                            latency_noise=0.0)
+    timing = predrafting_trace(tmp_path / "predraft.parquet", -0.25)
+    alone = load_acceptance([trace])
+    both = load_acceptance([trace], latency_paths=[timing])
+    assert both.requests == alone.requests
+    assert both.latency.predraft_overlap == pytest.approx(-0.25)
+    assert "predraft_overlap" in alone.latency.assumed
+    other = predrafting_trace(tmp_path / "other.parquet", 0.5, draft="other-draft")
+    with pytest.raises(ReplayInputError, match="other-draft"):
+        load_acceptance([trace], latency_paths=[other])

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--draft-lens", default="1,2,3,4,5,6,7,8",
                         help="plain speculative draft lengths, comma-separated (default 1..8); "
                              "target-only decoding (0) is always replayed")
+    parser.add_argument("--latency-traces", nargs="+", type=Path, default=[], metavar="TRACE",
+                        help="traces of the same pair whose timings join the latency fit but whose accepted "
+                             "counts are not replayed (e.g. one recorded with bpsim record --predraft)")
     parser.add_argument("--sequential", action="store_true",
                         help="also replay every predictor without pre-drafting: it only sets the next draft_len")
     parser.add_argument("--exhaustive", default="",
@@ -145,7 +148,10 @@ def run(args) -> int:
             raise BpsimError(f"--latency file {args.latency} not found") from None
         except (json.JSONDecodeError, TypeError) as error:
             raise BpsimError(f"--latency file {args.latency} is not a latency model JSON object ({error})") from error
-    table = load_acceptance(args.inputs, latency=latency)
+    if latency is not None and args.latency_traces:
+        raise BpsimError("--latency replaces the fitted latency model, so --latency-traces would be ignored; "
+                         "pass one of them")
+    table = load_acceptance(args.inputs, latency=latency, latency_paths=args.latency_traces)
     latency = table.latency
     if args.assume:
         assumptions = {}
