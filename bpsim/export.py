@@ -15,7 +15,8 @@ and the fastest candidate and mode are written as:
       "draft_len_policy": {"first_draft_len": int, "max_draft_len": int},
       "predraft": bool,                                              # pre-draft beside verification or not
       "latency": {...},                                              # LatencyModel.to_dict()
-      "fitted_on": {"traces": [{"path", "sha256", "requests"}], "models": [{"target", "draft"}],
+      "fitted_on": {"traces": [{"path", "sha256", "requests"}], "latency_traces": [...same...],
+                    "models": [{"target", "draft"}],
                     "sampling": [...], "fit_dir": str, "summary_created_at": str},
       "expected": {"mode", "held_out", "held_out_requests", "confidence", "best_plain_draft_len",
                    "tokens_per_s", "speedup_vs_target", "speedup_vs_best_plain", "hit_rate"},
@@ -162,12 +163,15 @@ def validate_exported(data, source: str = "the exported config") -> ExportedPred
 
     fitted_on = _require(data, "fitted_on", dict, source, fix)
     fitted_where = f"{source}: field 'fitted_on'"
-    _check_keys(fitted_on, ("traces", "models", "sampling", "fit_dir", "summary_created_at"), fitted_where)
+    _check_keys(fitted_on, ("traces", "latency_traces", "models", "sampling", "fit_dir", "summary_created_at"),
+                fitted_where)
     traces = _require(fitted_on, "traces", list, fitted_where, fix)
     if not traces:
         raise ExportError(f"{fitted_where}: field 'traces' is empty; {fix}")
-    for index, trace in enumerate(traces):
-        where = f"{fitted_where}: traces[{index}]"
+    timing = _require(fitted_on, "latency_traces", list, fitted_where, fix) if "latency_traces" in fitted_on else []
+    for index, trace in [(f"traces[{i}]", t) for i, t in enumerate(traces)] + [
+            (f"latency_traces[{i}]", t) for i, t in enumerate(timing)]:
+        where = f"{fitted_where}: {index}"
         if not isinstance(trace, dict):
             raise ExportError(f"{where} must be an object with path, sha256 and requests; {fix}")
         _check_keys(trace, ("path", "sha256", "requests"), where)
@@ -268,9 +272,11 @@ def held_out_table(summary: dict):
     if missing:
         raise ExportError(f"trace {missing[0]} named in summary.json not found; run bpsim export from the folder "
                           "bpsim fit ran in, or fit again")
+    # The fit kept its latency model, so its latency traces are only read for a summary without it.
+    kept = "latency" in summary
     rounds, _, latency = load_traces(paths, pool=bool(summary.get("pooled")),
-                                     latency_paths=[Path(p) for p in summary.get("latency_traces", [])])
-    if "latency" in summary:
+                                     latency_paths=[] if kept else [Path(p) for p in summary.get("latency_traces", [])])
+    if kept:
         latency = LatencyModel.from_dict(summary["latency"])
     rounds = drop_target_only(rounds)
     _, test, held_out = split_by_request(rounds, float(summary["test_fraction"]), int(summary["seed"]))
@@ -370,6 +376,8 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
                        winner["name"], best_plain["name"])
     predictor = predictor_from_config(winner["config"])
     traces, models, sampling = _trace_provenance([Path(p) for p in summary["traces"]])
+    timing = [{"path": str(path), "sha256": _sha256(Path(path)), "requests": None}
+              for path in summary.get("latency_traces", [])]
     expected = {"mode": data["mode"], "approximation": data["approximation"] or "",
                 "held_out": bool(data["held_out"]), "held_out_requests": int(data["requests"]),
                 "confidence": float(data["confidence"]), "best_plain_draft_len": int(data["best_plain_draft_len"])}
@@ -378,8 +386,8 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
         predictor_config=winner["config"], first_draft_len=int(winner["draft_len"]),
         max_draft_len=max(max_draft_len_of(predictor, int(winner["draft_len"])), int(winner["draft_len"])),
         latency=LatencyModel.from_dict(data["latency"]),
-        fitted_on={"traces": traces, "models": models, "sampling": sampling, "fit_dir": str(fit_dir),
-                   "summary_created_at": summary.get("created_at")},
+        fitted_on={"traces": traces, "latency_traces": timing, "models": models, "sampling": sampling,
+                   "fit_dir": str(fit_dir), "summary_created_at": summary.get("created_at")},
         expected=expected, created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         bpsim_version=__version__, predraft=winner["kind"] == "predicted")
     validated = validate_exported(json.loads(json.dumps(exported.to_dict())), "the config being exported")

@@ -29,11 +29,14 @@ by ``describe``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from bpsim.errors import BpsimError
+
+logger = logging.getLogger(__name__)
 
 
 # Fields a user may set by assumption (``with_assumptions``, ``bpsim replay --assume``).
@@ -41,6 +44,9 @@ ASSUMABLE_FIELDS = ("draft_ms_per_token", "draft_overhead_ms", "verify_base_ms",
                     "verify_ms_per_context", "predraft_overlap", "predraft_overhead_ms", "branch_batch_cost")
 # Rounds without a concurrent pre-draft needed before the verify fit uses only those rounds.
 MIN_ROUNDS_WITHOUT_PREDRAFT = 10
+# Relative spread of the overlappable pre-draft time below which the overhead cannot be told apart
+# from the overlap, so only the overlap is fitted.
+MIN_HIDEABLE_SPREAD = 0.1
 
 
 class LatencyModelError(BpsimError, ValueError):
@@ -143,6 +149,13 @@ class LatencyModel:
             raise LatencyModelError(f"unknown latency model fields {sorted(unknown)}; expected {sorted(known)}")
         required = [field.name for field in dataclasses.fields(cls)
                     if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+        assumed = data.get("assumed", [])
+        if not isinstance(assumed, (list, tuple)) or not all(isinstance(name, str) for name in assumed):
+            raise LatencyModelError(f"the latency model's 'assumed' must be a list of field names, got {assumed!r}")
+        unknown_assumed = sorted(set(assumed) - set(ASSUMABLE_FIELDS))
+        if unknown_assumed:
+            raise LatencyModelError(f"the latency model's 'assumed' lists unknown fields {unknown_assumed}; "
+                                    f"choose from {', '.join(ASSUMABLE_FIELDS)}")
         missing = [name for name in required if name not in data]
         if missing:
             raise LatencyModelError(f"the latency model is missing {', '.join(missing)}; "
@@ -245,20 +258,33 @@ class LatencyModel:
             timed &= np.isfinite(round_ms) & (predraft_len > 0)
         else:
             timed[:] = False
+        # The overlap is read against the verify time of rounds without a pre-draft, so those must
+        # identify how verification grows with its tokens; otherwise that error lands in the overlap.
+        unidentified = [reason for reason, failed in (
+            (f"fewer than {MIN_ROUNDS_WITHOUT_PREDRAFT} rounds ran without a pre-draft",
+             (~predrafted).sum() < MIN_ROUNDS_WITHOUT_PREDRAFT),
+            ("the rounds without a pre-draft all verified one length", "verify_ms_per_token" in assumed),
+        ) if failed]
+        if predraft_overlap is None and timed.any() and unidentified:
+            logger.warning("pre-draft overlap not fitted: %s; assumed 1. Add a speculative trace recorded without "
+                           "--predraft (and a target-only one) to the fit", " and ".join(unidentified))
+            timed[:] = False
         if predraft_overlap is None and timed.any():
             # The modelled verify time, so a slowdown of verification by the concurrent pre-draft
-            # counts against the overlap when the verify fit used rounds without one.
+            # counts against the overlap.
             verify_model = model.verify_ms(tokens[timed], context[timed])
             compute = model.draft_ms(predraft_len[timed])
             excess = round_ms[timed] - draft_ms[timed] - verify_model - compute
             hideable = np.minimum(compute, verify_model)
-            if timed.sum() >= 3 and np.ptp(hideable) > 1e-6 * np.max(hideable):
+            spread = np.ptp(hideable) / max(float(np.mean(hideable)), 1e-12)
+            two_parameters = timed.sum() >= 3 and len(np.unique(predraft_len[timed])) > 1 and spread >= MIN_HIDEABLE_SPREAD
+            if two_parameters:
                 slope, intercept = np.polyfit(hideable, excess, 1)
                 overlap, overhead = -slope, intercept
-                if overhead < 0:  # A negative fixed cost is not physical, so refit the overlap alone.
-                    overlap, overhead = -float(np.sum(excess * hideable) / np.sum(hideable ** 2)), 0.0
-            else:
-                overlap = -float(np.sum(excess) / np.sum(hideable))
+            if not two_parameters or overhead < 0:
+                # One pre-draft length (or one hideable time) cannot separate a fixed cost from the
+                # overlap, and a negative fixed cost is not physical: fit the overlap alone.
+                overlap, overhead = -float(np.sum(excess * hideable) / np.sum(hideable ** 2)), 0.0
                 assumed.append("predraft_overhead_ms")
             overlap, overhead = float(np.clip(overlap, -1.0, 1.0)), max(float(overhead), 0.0)
         else:

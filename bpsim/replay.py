@@ -222,14 +222,16 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
             first_branch = torch.clamp(torch.minimum(predicted - (branches - 1) // 2, n + 1 - branches), min=0)
             covered = (accepted >= first_branch) & (accepted < first_branch + branches)
             token_right = torch.where(accepted < n, second[index + accepted], match[index + n])
-            predraft = continues & (proposed > 0) & allowed
+            # Like the round's own drafts, a pre-draft never runs past the request's last token.
+            pre_len = torch.clamp(torch.minimum(proposed, length - next_pos - 1), min=0)
+            predraft = continues & (pre_len > 0) & allowed
             hit = predraft & covered & token_right
-            round_ms = round_ms + torch.where(predraft, costs.predraft_cost_ms(proposed, verify, branches), zeros_f)
+            round_ms = round_ms + torch.where(predraft, costs.predraft_cost_ms(pre_len, verify, branches), zeros_f)
             ready = hit
-            used = torch.where(hit, torch.minimum(proposed, length - next_pos - 1), zeros_i)
+            used = torch.where(hit, pre_len, zeros_i)
             counts["predrafts"] += predraft
             counts["hits"] += hit
-            counts["discarded"] += torch.where(predraft, branches * proposed, zeros_i) - used
+            counts["discarded"] += torch.where(predraft, branches * pre_len, zeros_i) - used
             guessed = active & (n > 0)
             counts["predicted_rounds"] += guessed
             counts["correct_branch"] += guessed & (predicted == accepted)
@@ -628,7 +630,7 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequen
     jobs = [(predictor, 1, True) for predictor in predictors]
     jobs += [(predictor, int(width), True) for width in exhaustive_widths for predictor in predictors]
     if sequential:
-        jobs += [(predictor, 1, False) for predictor in predictors]
+        jobs += [(without_predraft(predictor), 1, False) for predictor in predictors]
     groups: dict[tuple, list[int]] = {}
     for index, (predictor, _, _) in enumerate(jobs):
         groups.setdefault(stepper_group_key(predictor), []).append(index)
@@ -694,6 +696,21 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequen
         requests=table.requests, samples=samples, tokens=int(table.length.sum()),
         best_plain_draft_len=best_plain, device=str(device), seconds=time.perf_counter() - started,
         confidence=confidence, sources=table.sources)
+
+
+def without_predraft(predictor: Predictor) -> Predictor:
+    """Return the predictor as it chooses draft lengths for a decoder that does not pre-draft.
+
+    Distribution families weigh the pre-draft's cost and hits into each draft_len's speed, so they
+    are rebuilt with ``predraft=False``; the other families choose the same lengths either way.
+    """
+    from bpsim.predictors.base import predictor_from_config
+    from bpsim.predictors.distribution import DistributionPredictor
+
+    if not isinstance(predictor, DistributionPredictor) or not predictor.predraft:
+        return predictor
+    config = predictor.to_config()
+    return predictor_from_config({**config, "params": {**config["params"], "predraft": False}})
 
 
 def first_draft_len_summary(predictor: Predictor, table: AcceptanceTable) -> int:

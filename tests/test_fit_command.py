@@ -181,3 +181,10 @@ def test_incomplete_trace_fits_with_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         fit_traces([path], tmp_path / "fit", resamples=0)
     assert any("incomplete" in record.message and str(path) in record.message for record in caplog.records)
+
+
+def test_same_trace_twice_rejected(tmp_path, capsys):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=4, rounds_per_request=10)
+    code, _ = fit(tmp_path, trace, tmp_path / "." / "t.parquet")
+    assert code == 2
+    assert "given twice" in capsys.readouterr().err

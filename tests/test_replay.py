@@ -206,18 +206,20 @@ def test_branch_prediction_hit_needs_correction_token():
 
 def test_predraft_cost_charged_on_hits_and_misses():
     # Every round rejects its first draft; a static "zero" predictor pre-drafts 2 tokens each
-    # round. Request 0 never guesses the correction, request 1 always does. Each pre-draft costs
-    # 2 - 0.5 * min(2, verify) + 0.25 = 1.25 ms whether kept or not; a kept one spares the next
-    # round its 2 ms of drafting. Positions 0-7 draft 2, position 8 drafts 1, position 9 none;
-    # positions 0-8 pre-draft.
+    # round. Request 0 never guesses the correction, request 1 always does. A pre-draft of m
+    # tokens costs m - 0.5 * min(m, verify) + 0.25 ms whether kept or not (1.25 ms for 2, 0.75 ms
+    # for 1); a kept one spares the next round its drafting. Positions 0-7 draft 2, position 8
+    # drafts 1, position 9 none. Positions 0-6 pre-draft 2 tokens, position 7 the 1 token that
+    # position 8 can use, and position 8 none.
     latency = LatencyModel(draft_ms_per_token=1.0, verify_base_ms=10.0, verify_ms_per_token=1.0,
                            predraft_overlap=0.5, predraft_overhead_ms=0.25)
     table = table_from_outcomes([[0] * 10, [0] * 10], [[0] * 10, [1] * 10], latency=latency)
     result = replay(table, [StaticPredictor("zero", draft_len=2)], oracle=False, bootstrap=10, device="cpu")
     totals = result.policy("static:choice=zero,draft_len=2").totals
     verify = 8 * 13 + 12 + 11
-    assert totals.time_ms[0] == pytest.approx(17 + verify + 9 * 1.25)
-    assert totals.time_ms[1] == pytest.approx(2 + verify + 9 * 1.25)
+    predrafts = 7 * 1.25 + 0.75
+    assert totals.time_ms[0] == pytest.approx(17 + verify + predrafts)
+    assert totals.time_ms[1] == pytest.approx(2 + verify + predrafts)
 
 
 def test_negative_overlap_makes_predrafting_lose():
@@ -477,3 +479,51 @@ def test_latency_traces_join_fit_not_replay(tmp_path):
     other = predrafting_trace(tmp_path / "other.parquet", 0.5, draft="other-draft")
     with pytest.raises(ReplayInputError, match="other-draft"):
         load_acceptance([trace], latency_paths=[other])
+
+
+def test_sequential_distribution_predictor_drafts_when_plain_pays():
+    # With a pre-draft that costs more than it saves, a distribution predictor scored for
+    # pre-drafting never drafts; rebuilt for the sequential mode it drafts and beats the target.
+    latency = LatencyModel(draft_ms_per_token=3.0, verify_base_ms=10.0, verify_ms_per_token=1.0, predraft_overlap=-1.0)
+    rng = np.random.default_rng(0)
+    table = table_from_outcomes([rng.random(120) < 0.8 for _ in range(8)], [rng.random(120) < 0.15 for _ in range(8)],
+                                latency=latency)
+    predictor = CappedGeometricPredictor(rate=0.8, latency=latency, bonus_guess_rate=0.3, correction_guess_rate=0.15)
+    result = replay(table, [predictor], draft_lens=[2], sequential=True, oracle=False, bootstrap=10, device="cpu")
+    sequential = next(p for p in result.policies if p.kind == "sequential")
+    assert sequential.config["params"]["predraft"] is False
+    assert sequential.totals.drafted.sum() > 0
+    assert sequential.tokens_per_s.value > result.policy("target").tokens_per_s.value
+
+
+def test_overlap_fit_with_one_predraft_length_fits_overlap_only():
+    # The pre-draft (36 ms) outlasts verification, so the overlappable time barely varies: only
+    # the overlap can be fitted, and the fixed overhead is labelled as assumed.
+    rng = np.random.default_rng(1)
+    rounds = 400
+    context = rng.integers(100, 260, rounds).astype(float)
+    quiet = np.arange(rounds) < 200
+    draft_len = np.where(quiet, rng.integers(1, 5, rounds), 4).astype(float)
+    draft_ms = 9.0 * draft_len
+    verify_ms = 25 + 1.6 * (draft_len + 1) + 0.005 * context + rng.normal(0, 0.5, rounds)
+    compute = 36.0
+    hidden = -0.4 * np.minimum(compute, 25 + 1.6 * 5 + 0.005 * context)
+    round_ms = draft_ms + verify_ms + np.where(quiet, 0.0, compute - hidden)
+    model = LatencyModel.fit(draft_len, draft_ms, verify_ms, context, predraft_ms=np.where(quiet, np.nan, 80.0),
+                             round_ms=round_ms, predraft_len=np.where(quiet, 0, 4))
+    assert model.predraft_overlap == pytest.approx(-0.4, abs=0.03)
+    assert model.predraft_overhead_ms == 0.0
+    assert "predraft_overhead_ms" in model.assumed
+    assert "predraft_overlap" not in model.assumed
+
+
+def test_overlap_not_fitted_without_verify_slope(caplog):
+    rounds = 40
+    draft_len = np.full(rounds, 4.0)
+    predrafted = np.arange(rounds) >= 20
+    with caplog.at_level("WARNING"):
+        model = LatencyModel.fit(draft_len, 9.0 * draft_len, np.full(rounds, 40.0),
+                                 predraft_ms=np.where(predrafted, 36.0, np.nan), round_ms=np.full(rounds, 120.0),
+                                 predraft_len=np.where(predrafted, 4, 0))
+    assert "predraft_overlap" in model.assumed
+    assert any("overlap not fitted" in record.message for record in caplog.records)

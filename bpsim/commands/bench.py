@@ -454,7 +454,8 @@ def describe_notes(report: dict) -> list[str]:
         split = probe.get("sequential_split_ms")
         lines.append(f"thread overlap probe (same draft and verify work): sequential on {probe.get('threads')} "
                      f"thread(s) {probe['sequential_ms'] / 1000:.2f} s"
-                     + (f", sequential on {probe['threads_per_model']} thread(s) {split / 1000:.2f} s" if split else "")
+                     + (f", sequential on {probe['threads_per_model'] or probe.get('threads')} thread(s) "
+                        f"{split / 1000:.2f} s" if split else "")
                      + f", two threads {probe['concurrent_ms'] / 1000:.2f} s ({probe['speedup']:.2f}x the first)")
     lines.append(f"sequential policies ran on {report['run']['torch_threads']} torch thread(s); pre-drafting policies "
                  f"on {report['run']['threads_per_model'] or report['run']['torch_threads']} per model")

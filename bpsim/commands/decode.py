@@ -74,8 +74,9 @@ def model_names(exported, target: str | None, draft: str | None) -> tuple[str, s
     """Return the target and draft to load: the options, else the pair the predictor was fitted on."""
     from bpsim.models import BUILTIN_TARGET, SHIPPED_DRAFT
 
-    fitted = (exported.fitted_on.get("models") or [{}])[0]
-    fitted = fitted if isinstance(fitted, dict) else {}
+    # The first speculative pair: a target-only trace in the fit lists an entry without a draft.
+    entries = [entry for entry in exported.fitted_on.get("models") or [] if isinstance(entry, dict)]
+    fitted = next((entry for entry in entries if entry.get("draft") is not None), entries[0] if entries else {})
     return (target or _model_name(fitted.get("target")) or BUILTIN_TARGET,
             draft or _model_name(fitted.get("draft")) or SHIPPED_DRAFT)
 
@@ -100,13 +101,22 @@ def fitted_pair_mismatch(exported, pair) -> str | None:
     fitted on other models still decodes losslessly, but its predictions and draft lengths were
     chosen for the acceptance and latency of those models.
     """
-    loaded = {"target": pair.target.sha256, "draft": pair.draft.sha256 if pair.draft is not None else None}
+    loaded = {"target": pair.target, "draft": pair.draft}
     fitted = [entry for entry in exported.fitted_on.get("models") or [] if isinstance(entry, dict)
               and isinstance(entry.get("draft"), dict)]
     if not fitted:
         return None
+    def same(entry: dict, loaded_model) -> bool:
+        # Hub models without a local file have no digest; compare those by name.
+        if loaded_model is None or not isinstance(entry, dict):
+            return False
+        digest = loaded_model.sha256
+        if digest and digest != "unknown":
+            return entry.get("sha256") == digest
+        return entry.get("name") == loaded_model.name
+
     for entry in fitted:
-        if all(isinstance(entry.get(role), dict) and entry[role].get("sha256") == loaded[role] for role in loaded):
+        if all(same(entry.get(role), loaded[role]) for role in loaded):
             return None
     names = "; ".join(f"target {_model_name(entry.get('target'))}, draft {_model_name(entry.get('draft'))}"
                       for entry in fitted)

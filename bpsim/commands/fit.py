@@ -64,11 +64,20 @@ def load_traces(paths: list[Path], pool: bool, latency_paths: list[Path] = ()):
     from bpsim.latency import fit_from_table
     from bpsim.traces import read_trace, trace_metadata
 
+    seen: dict[Path, str] = {}
+    for path in [*paths, *latency_paths]:
+        key = Path(path).resolve()
+        if key in seen:
+            raise BpsimError(f"trace {path} is given twice (also as {seen[key]}); pass each trace once, or its "
+                             "requests would count twice and leak into the held-out split")
+        seen[key] = str(path)
     tables = [(str(path), read_trace(path)) for path in paths]
     timing = [(str(path), read_trace(path)) for path in latency_paths]
     for source, table in timing:
         if table.num_rows == 0:
             raise BpsimError(f"latency trace {source} contains no rounds; record at least one request")
+        if trace_metadata(table).get("complete") is False:
+            logger.warning("latency trace %s is incomplete: its run was interrupted; its timings are used", source)
     pairs = {}
     targets_only = {}
     for source, table in tables:
@@ -176,7 +185,10 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
         "strata": {label: evaluation.summary() for label, evaluation in strata.items()},
         "skipped_strata": skipped,
     }
-    title = [f"Traces: {', '.join(f'`{path}`' for path in paths)}.", f"Model pairs: {'; '.join(pairs)}.",
+    title = [f"Traces: {', '.join(f'`{path}`' for path in paths)}."]
+    if latency_paths:
+        title.append(f"Latency traces (timings only): {', '.join(f'`{path}`' for path in latency_paths)}.")
+    title += [f"Model pairs: {'; '.join(pairs)}.",
              f"Split seed {seed}, {test_fraction:.0%} of requests held out; {resamples} bootstrap resamples."]
     if "draft_len" in stratify:
         title.append("Draft-length strata keep only some rounds of each request, so history predictors see gaps.")

@@ -70,6 +70,14 @@ def run(args) -> int:
     draft_len = 0 if args.target_only else args.draft_len
     if args.predraft and draft_len < 1:
         raise BpsimError(f"--predraft needs drafts; got draft_len {draft_len}, pass --draft-len 1 or more")
+    if args.backend != "auto" and not args.predraft:
+        raise BpsimError(f"--backend {args.backend} only applies to --predraft; add --predraft or drop --backend")
+    if args.backend == "cuda-stream":
+        from bpsim.models import resolve_device
+
+        if resolve_device(args.device).type != "cuda":
+            raise BpsimError(f"--backend cuda-stream needs a CUDA device, but --device {args.device} is not one; "
+                             "use --backend thread (or auto) on CPU")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     config = DecodeConfig(draft_len=draft_len, max_new_tokens=args.max_new_tokens, sampling=sampling)
     check_output(args.out, overwrite=args.force)
@@ -117,7 +125,7 @@ def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: s
         branch = BranchConfig(backend=predraft_backend)
         decoder = BranchPredictedDecoder.from_pair(pair, config, predictor=predictor, branch=branch)
         metadata["policy"] = {"kind": "predraft", "draft_len": config.draft_len, "predictor": predictor.to_config(),
-                              "branch": branch.to_dict()}
+                              "branch": {**branch.to_dict(), "backend": decoder.backend.name}}
     writer = TraceWriter(out, metadata, overwrite=overwrite)
     totals = {"rounds": 0, "accepted": 0, "drafted_rounds": 0, "tokens": 0, "round_ms": 0.0}
     started = time.perf_counter()

@@ -146,6 +146,8 @@ def run(args) -> int:
             latency = LatencyModel.from_dict(json.loads(args.latency.read_text()))
         except FileNotFoundError:
             raise BpsimError(f"--latency file {args.latency} not found") from None
+        except OSError as error:
+            raise BpsimError(f"--latency {args.latency} cannot be read ({error}); pass a latency.json file") from error
         except (json.JSONDecodeError, TypeError) as error:
             raise BpsimError(f"--latency file {args.latency} is not a latency model JSON object ({error})") from error
     if latency is not None and args.latency_traces:

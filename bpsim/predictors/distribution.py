@@ -63,11 +63,15 @@ class DistributionPredictor(Predictor):
     """Shared predict/predict_batch for families defined by a pmf per draft_len.
 
     ``latency`` is a LatencyModel or its ``to_dict()``; ``draft_lens`` are the candidate next
-    draft lengths (default 1..max_draft_len; 0 is always a candidate).
+    draft lengths (default 1..max_draft_len; 0 is always a candidate). ``predraft`` says whether
+    the decoder pre-drafts beside verification, which changes what each draft_len costs.
     """
 
     def __init__(self, latency, max_draft_len: int = DEFAULT_MAX_DRAFT_LEN, draft_lens=None,
-                 bonus_guess_rate: float = 1.0, correction_guess_rate: float = 1.0):
+                 bonus_guess_rate: float = 1.0, correction_guess_rate: float = 1.0, predraft: bool = True):
+        if not isinstance(predraft, bool):
+            raise ValueError(f"predraft must be true or false, got {predraft!r}")
+        self.predraft = predraft
         self.latency = latency_from_param(latency)
         if max_draft_len < 1:
             raise ValueError(f"max_draft_len must be >= 1, got {max_draft_len}")
@@ -92,6 +96,8 @@ class DistributionPredictor(Predictor):
                   "bonus_guess_rate": self.bonus_guess_rate, "correction_guess_rate": self.correction_guess_rate}
         if self._explicit_draft_lens:
             params["draft_lens"] = list(self.draft_lens)
+        if not self.predraft:  # written only when off, so configs from before the option stay equal
+            params["predraft"] = False
         return {**self.family_params(), **params}
 
     def candidate_pmfs(self) -> dict[int, np.ndarray]:
@@ -106,7 +112,7 @@ class DistributionPredictor(Predictor):
 
     def next_draft_len(self, context_len) -> np.ndarray:
         return choose_draft_len(self.candidate_pmfs(), self.latency, context_len, self.bonus_guess_rate,
-                                self.correction_guess_rate)
+                                self.correction_guess_rate, self.predraft)
 
     def predict(self, features: RoundFeatures) -> Prediction:
         next_len = int(self.next_draft_len(features.context_len)[0])

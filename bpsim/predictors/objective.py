@@ -19,7 +19,10 @@ The next draft_len m maximises the stationary speed of rounds that all draft m t
     speed(m)  = (E_m[A] + 1) / (verify_ms(m + 1, ctx) + (1 - hit(m)) draft_ms(m) + predraft_cost(m, verify_ms(m + 1, ctx))),
     hit(m)    = max_j P_m(j) g(j),
 
-over the candidate lengths, 0 (plain target decoding, speed 1 / verify_ms(1, ctx)) included.
+over the candidate lengths, 0 (plain target decoding, speed 1 / verify_ms(1, ctx)) included. A
+decoder that does not pre-draft pays neither the pre-draft nor gets the hit, so then
+
+    speed(m)  = (E_m[A] + 1) / (verify_ms(m + 1, ctx) + draft_ms(m)).
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ def choose_predicted(pmf: np.ndarray, bonus_guess_rate: float, correction_guess_
 
 
 def stationary_speed(pmfs: dict[int, np.ndarray], latency: LatencyModel, context_len,
-                     bonus_guess_rate: float, correction_guess_rate: float) -> tuple[np.ndarray, np.ndarray]:
+                     bonus_guess_rate: float, correction_guess_rate: float,
+                     predraft: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(lengths, speed)``: candidate draft lengths (sorted, 0 added) and tokens/ms, (contexts, lengths).
 
     ``pmfs`` maps each candidate draft_len m > 0 to the pmf of the accepted count over 0..m.
+    ``predraft`` False scores a decoder that drafts each round after the previous verdict.
     """
     context = np.atleast_1d(np.asarray(context_len, dtype=float))  # (contexts,)
     lengths = np.array(sorted({0, *(int(m) for m in pmfs)}), dtype=np.int64)
@@ -61,15 +66,18 @@ def stationary_speed(pmfs: dict[int, np.ndarray], latency: LatencyModel, context
         hit = float((pmf * guess_weights(m, bonus_guess_rate, correction_guess_rate)).max())
         verify = latency.verify_ms(m + 1, context)
         draft = float(latency.draft_ms(m))
-        predraft = latency.predraft_cost_ms(m, verify)
-        speed[:, column] = tokens / (verify + (1.0 - hit) * draft + predraft)
+        if predraft:
+            speed[:, column] = tokens / (verify + (1.0 - hit) * draft + latency.predraft_cost_ms(m, verify))
+        else:
+            speed[:, column] = tokens / (verify + draft)
     return lengths, speed
 
 
 def choose_draft_len(pmfs: dict[int, np.ndarray], latency: LatencyModel, context_len,
-                     bonus_guess_rate: float, correction_guess_rate: float) -> np.ndarray:
+                     bonus_guess_rate: float, correction_guess_rate: float, predraft: bool = True) -> np.ndarray:
     """Return the speed-maximising draft_len for each context length, shape like ``context_len`` (at least 1-d)."""
-    lengths, speed = stationary_speed(pmfs, latency, context_len, bonus_guess_rate, correction_guess_rate)
+    lengths, speed = stationary_speed(pmfs, latency, context_len, bonus_guess_rate, correction_guess_rate,
+                                      predraft)
     return lengths[np.argmax(speed, axis=1)]
 
 
