@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the traces shipped in traces/: MT-Bench and HumanEval at draft_len 4, greedy and
-# sampled, a short target-only trace for the latency model, and the greedy acceptance profiles.
+# sampled, short target-only and pre-drafting traces for the latency model, and the greedy
+# acceptance profiles.
 # Run it on a quiet machine: every round's timings are recorded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +16,4 @@ for suite in mt-bench humaneval; do
     bpsim profile "traces/$suite-greedy-k4.parquet" --device cpu --check
 done
 bpsim record --suite mt-bench --limit 2 --target-only "${common[@]}" --out traces/mt-bench-greedy-target.parquet
+bpsim record --suite mt-bench --limit 2 --draft-len 4 --predraft "${common[@]}" --out traces/mt-bench-greedy-k4-predraft.parquet
