@@ -2,8 +2,9 @@
 
 1. The effect of the number of tokens drafted per round: plain speculative decoding at
    draft_len 1..8 against the target alone and the oracle ceiling.
-2. The exhaustive strategy's trade-off: each history predictor pre-drafting 2, 4 or every
-   branch point at once, speed against wasted draft tokens.
+2. The exhaustive strategy's trade-off: each history predictor pre-drafting no branch point
+   (it only sets draft lengths), 1, 2, 4 or every branch point at once, speed against wasted
+   draft tokens.
 
 Both come from one exact greedy replay (``bpsim replay``) with the latency model fitted on the
 traces next to the profiles, so they cost seconds, not model runs.
@@ -30,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def replay(inputs: list[str], latency_traces: list[str], scratch: Path) -> dict:
     command = [sys.executable, "-m", "bpsim.cli", "replay", *inputs, "--draft-lens", "1,2,3,4,5,6,7,8",
-               "--exhaustive", "2,4,all", "--device", "cpu", "--out", str(scratch)]
+               "--exhaustive", "2,4,all", "--sequential", "--device", "cpu", "--out", str(scratch)]
     if latency_traces:
         command += ["--latency-traces", *latency_traces]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -52,7 +53,9 @@ def main() -> None:
     target = next(p for p in policies if p["kind"] == "target")
     oracle = [p for p in policies if p["kind"] == "oracle"]
     lines = ["# Replayed experiments", "",
-             f"Inputs: {', '.join(f'`{i}`' for i in args.inputs)}; {result['mode']} replay of "
+             f"Inputs: {', '.join(f'`{i}`' for i in args.inputs)}"
+             + (f", latency only: {', '.join(f'`{i}`' for i in args.latency_traces)}" if args.latency_traces else "")
+             + f"; {result['mode']} replay of "
              f"{result['requests']} requests, {result['tokens']} tokens, "
              f"{int(result['confidence'] * 100)}% bootstrap intervals over requests.", "",
              "## Tokens drafted per round", "", "| policy | tokens/s | vs target |", "| --- | --- | --- |"]
@@ -79,16 +82,21 @@ def main() -> None:
     lines += ["", "![draft_len](draft-len.png)", ""]
 
     exhaustive = [p for p in policies if p.get("width") not in (None, 1) and p["kind"] not in ("plain", "target")]
-    single = [p for p in policies if p["kind"] not in ("plain", "target", "oracle") and p.get("width") in (None, 1)]
+    single = [p for p in policies if p["kind"] not in ("plain", "target", "oracle", "sequential")
+              and p.get("width") in (None, 1)]
+    sequential = [p for p in policies if p["kind"] == "sequential"]
     lines += ["## Exhaustive strategy", "",
+              "Branch points 0 is the predictor without pre-drafting: it only sets the next draft_len.", "",
               "| policy | branch points | tokens/s | vs target | hit rate | wasted drafts per token |",
               "| --- | --- | --- | --- | --- | --- |"]
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for policy in single + exhaustive:
+    for policy in sequential + single + exhaustive:
         hit = policy["hit_rate"]["value"] if policy.get("hit_rate") else float("nan")
         speed, ratio = policy["tokens_per_s"], policy["speedup_vs_target"]
         width = policy.get("width")
         branches = "all" if width == 0 else (width or 1)  # width 0 pre-drafts every branch point
+        if policy["kind"] == "sequential":
+            branches = 0
         lines.append(f"| `{policy['name']}` | {branches} | {speed['value']:.1f} | "
                      f"{ratio['value']:.2f} | {hit:.2f} | {policy['wasted_per_token']:.2f} |")
         axis.scatter(policy["wasted_per_token"], ratio["value"], s=12)

@@ -68,13 +68,15 @@ def main() -> None:
         fitted = _fitted_draft_ms(profile, args.target_only, folder)
         scaled = fitted * card["latency"]["draft_ms_per_token"] / reference_ms
         bpsim("replay", str(profile), str(args.target_only), "--device", "cpu", "--assume",
-              f"draft_ms_per_token={scaled}", *predraft_assumptions, "--out", str(replay))
+              f"draft_ms_per_token={scaled}", *predraft_assumptions, "--sequential", "--out", str(replay))
         result = json.loads((replay / "replay.json").read_text())
         policies = {p["name"]: p for p in result["policies"]}
         plain = [p for p in result["policies"] if p["kind"] == "plain"]
         best_plain = max(plain, key=lambda p: p["tokens_per_s"]["value"])
-        predictors = [p for p in result["policies"] if p["kind"] not in ("plain", "target", "oracle")]
+        predictors = [p for p in result["policies"] if p["kind"] not in ("plain", "target", "oracle", "sequential")]
         best_predictor = max(predictors, key=lambda p: p["tokens_per_s"]["value"])
+        best_sequential = max((p for p in result["policies"] if p["kind"] == "sequential"),
+                              key=lambda p: p["tokens_per_s"]["value"])
         oracle = next(p for p in result["policies"] if p["kind"] == "oracle")
         rows.append({
             "draft": name, "layers": len(card["layers_from_target"]), "steps": card["recipe"]["steps"],
@@ -82,21 +84,25 @@ def main() -> None:
             "draft_ms_per_token": scaled, "target": policies["target"]["tokens_per_s"]["value"],
             "best_plain": (best_plain["draft_len"], best_plain["speedup_vs_target"]["value"]),
             "best_predictor": (best_predictor["name"], best_predictor["speedup_vs_target"]["value"]),
+            "best_sequential": (best_sequential["name"], best_sequential["speedup_vs_target"]["value"]),
             "oracle": oracle["speedup_vs_target"]["value"],
         })
 
     lines = ["# Draft/target scale pairs (replayed)", "",
              f"Text: `{args.trace}` (greedy, so identical for every draft); target-only timings from "
              f"`{args.target_only}`. Each draft's draft_ms_per_token is the fitted value scaled by its "
-             "measured latency ratio (assumed, not recorded live). Speeds are relative to the target alone.", "",
+             "measured latency ratio (assumed, not recorded live). Speeds are relative to the target alone.",
+             *([f"Pre-draft overlap and overhead: measured with `{args.reference_draft}` on "
+                f"`{args.predraft_trace}` and assumed for every draft."] if args.predraft_trace else []), "",
              "| draft | layers | training steps | MT-Bench agreement | latency / target | draft ms/token "
-             "| best plain (draft_len, speed) | best predictor | oracle |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| best plain (draft_len, speed) | best predictor, pre-drafting | best predictor, no pre-draft | oracle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         lines.append(f"| `{row['draft']}` | {row['layers']} | {row['steps']} | {row['agreement']:.3f} | "
                      f"{row['latency_ratio']:.2f} | {row['draft_ms_per_token']:.2f} | "
                      f"{row['best_plain'][0]}, {row['best_plain'][1]:.2f} | "
-                     f"`{row['best_predictor'][0]}` {row['best_predictor'][1]:.2f} | {row['oracle']:.2f} |")
+                     f"`{row['best_predictor'][0]}` {row['best_predictor'][1]:.2f} | "
+                     f"`{row['best_sequential'][0]}` {row['best_sequential'][1]:.2f} | {row['oracle']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale-pairs.md").write_text("\n".join(lines) + "\n")
     (args.out / "scale-pairs.json").write_text(json.dumps(rows, indent=1))

@@ -92,10 +92,10 @@ def run(args) -> int:
     _stage("fit", out / "fit" / "summary.json",
            ["fit", str(spec), str(target_only), "--latency-traces", str(predraft), "--out", str(out / "fit"),
             "--seed", str(args.seed)], timings)
-    # 4. Replay every policy on the profile with the fit's latency model.
+    # 4. Replay every policy on the profile with the fit's latency model, with and without pre-drafting.
     _stage("replay", out / "replay" / "replay.json",
-           ["replay", str(profile), "--latency", str(out / "fit" / "latency.json"), "--device", args.device,
-            "--seed", str(args.seed), "--out", str(out / "replay")], timings)
+           ["replay", str(profile), "--latency", str(out / "fit" / "latency.json"), "--sequential", "--device",
+            args.device, "--seed", str(args.seed), "--out", str(out / "replay")], timings)
     # 5. Export the predictor with the best replayed speed on held-out requests.
     predictor = out / "predictor.json"
     _stage("export", predictor, ["export", str(out / "fit"), "--out", str(predictor), "--seed", str(args.seed)], timings)
