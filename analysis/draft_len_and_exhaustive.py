@@ -90,6 +90,7 @@ def main() -> None:
               "| policy | branch points | tokens/s | vs target | hit rate | wasted drafts per token |",
               "| --- | --- | --- | --- | --- | --- |"]
     figure, axis = plt.subplots(figsize=(5, 3.5))
+    seen_labels: set[str] = set()
     for policy in sequential + single + exhaustive:
         hit = policy["hit_rate"]["value"] if policy.get("hit_rate") else float("nan")
         speed, ratio = policy["tokens_per_s"], policy["speedup_vs_target"]
@@ -99,7 +100,12 @@ def main() -> None:
             branches = 0
         lines.append(f"| `{policy['name']}` | {branches} | {speed['value']:.1f} | "
                      f"{ratio['value']:.2f} | {hit:.2f} | {policy['wasted_per_token']:.2f} |")
-        axis.scatter(policy["wasted_per_token"], ratio["value"], s=12)
+        label = f"{branches} branch point(s)" if branches != 0 else "no pre-draft"
+        color = {0: "C0", 1: "C1", 2: "C2", 4: "C3", "all": "C4"}.get(branches, "C5")
+        axis.scatter(policy["wasted_per_token"], ratio["value"], s=12, color=color,
+                     label=label if label not in seen_labels else None)
+        seen_labels.add(label)
+    axis.legend(fontsize=8)
     axis.set_xlabel("wasted draft tokens per output token")
     axis.set_ylabel("speed / target alone")
     figure.tight_layout()
