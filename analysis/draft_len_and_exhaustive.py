@@ -2,7 +2,9 @@
 
 1. The effect of the number of tokens drafted per round: plain speculative decoding at
    draft_len 1..8 against the target alone and the oracle ceiling.
-2. The exhaustive strategy's trade-off: each history predictor pre-drafting no branch point
+2. What a predictor could know: how much a position's greedy match depends on the previous
+   position's and on the draft's confidence, from the greedy profiles.
+3. The exhaustive strategy's trade-off: each history predictor pre-drafting no branch point
    (it only sets draft lengths), 1, 2, 4 or every branch point at once, speed against wasted
    draft tokens.
 
@@ -36,6 +38,31 @@ def replay(inputs: list[str], latency_traces: list[str], scratch: Path) -> dict:
         command += ["--latency-traces", *latency_traces]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads((scratch / "replay.json").read_text())
+
+
+def predictability(inputs: list[str]) -> list[str]:
+    """Return Markdown rows: the greedy match rate by the previous position's match and by the draft's confidence."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    match, previous, confidence = [], [], []
+    for path in (p for p in inputs if p.endswith(".profile.parquet")):
+        for row in pq.read_table(path, columns=["match", "draft_max_prob"]).to_pylist():
+            m = np.asarray(row["match"], dtype=bool)
+            match.append(m[1:])
+            previous.append(m[:-1])
+            confidence.append(np.asarray(row["draft_max_prob"], dtype=float)[1:])
+    if not match:
+        return []
+    match, previous, confidence = (np.concatenate(a) for a in (match, previous, confidence))
+    rows = [("every position", np.ones_like(match)), ("after a matching position", previous),
+            ("after a mismatch", ~previous)]
+    rows += [(f"draft max probability above {t}", confidence > t) for t in (0.3, 0.5, 0.7, 0.9)]
+    lines = ["## What a predictor could know", "",
+             f"Greedy profiles, {len(match)} positions: how often the draft's greedy token is the target's.", "",
+             "| positions | share of positions | match rate |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {mask.mean():.3f} | {match[mask].mean():.3f} |" for label, mask in rows if mask.any()]
+    return lines + [""]
 
 
 def main() -> None:
@@ -85,6 +112,7 @@ def main() -> None:
     single = [p for p in policies if p["kind"] not in ("plain", "target", "oracle", "sequential")
               and p.get("width") in (None, 1)]
     sequential = [p for p in policies if p["kind"] == "sequential"]
+    lines += predictability(args.inputs)
     lines += ["## Exhaustive strategy", "",
               "Branch points 0 is the predictor without pre-drafting: it only sets the next draft_len.", "",
               "| policy | branch points | tokens/s | vs target | hit rate | wasted drafts per token |",
