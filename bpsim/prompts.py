@@ -60,6 +60,15 @@ class PromptSuite:
             raise PromptSuiteError(f"--limit must be at least 1, got {count}")
         return PromptSuite(self.name, self.prompts[:count], self.source)
 
+    def skip(self, count: int) -> "PromptSuite":
+        """Drop the first ``count`` prompts, for example those a fit already saw."""
+        if count < 0:
+            raise PromptSuiteError(f"--skip must be at least 0, got {count}")
+        if count >= len(self.prompts):
+            raise PromptSuiteError(f"--skip {count} leaves no prompt: suite {self.name} has {len(self.prompts)}; "
+                                   "skip fewer")
+        return PromptSuite(self.name, self.prompts[count:], self.source)
+
 
 def _package_file(module: str, relative: str, install: str) -> Path:
     spec = importlib.util.find_spec(module)
@@ -113,8 +122,8 @@ def jsonl_suite(path: Path | str) -> PromptSuite:
     return PromptSuite(path.stem, tuple(prompts), str(path))
 
 
-def load_suite(name: str, limit: int | None = None) -> PromptSuite:
-    """Load a built-in suite by name or a JSONL file by path, keeping the first ``limit`` prompts."""
+def load_suite(name: str, limit: int | None = None, skip: int = 0) -> PromptSuite:
+    """Load a built-in suite by name or a JSONL file by path, keeping ``limit`` prompts after the first ``skip``."""
     if name == "mt-bench":
         suite = mt_bench()
     elif name == "humaneval":
@@ -123,7 +132,7 @@ def load_suite(name: str, limit: int | None = None) -> PromptSuite:
         suite = jsonl_suite(name)
     else:
         raise PromptSuiteError(f"unknown prompt suite {name!r}; use {', '.join(SUITES)} or a .jsonl file with a 'prompt' field")
-    return suite.limit(limit)
+    return (suite.skip(skip) if skip else suite).limit(limit)
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:

@@ -250,3 +250,13 @@ def test_plain_draft_len_sources(tmp_path):
     assert plain_draft_len_of(Args, exported)[0] == 4
     Args.plain_draft_len = 2
     assert plain_draft_len_of(Args, exported) == (2, "given")
+
+
+def test_suite_skip_drops_first_prompts():
+    from bpsim.prompts import PromptSuiteError, load_suite
+
+    every = load_suite("mt-bench")
+    later = load_suite("mt-bench", limit=3, skip=24)
+    assert [p.prompt_id for p in later.prompts] == [p.prompt_id for p in every.prompts[24:27]]
+    with pytest.raises(PromptSuiteError, match="leaves no prompt"):
+        load_suite("mt-bench", skip=len(every.prompts))

@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.add_argument("--suite", required=True, help="prompt suite: mt-bench, humaneval or a .jsonl file")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of the suite")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="skip the first N prompts of the suite, e.g. those the predictor was fitted on (default 0)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every policy on every prompt (default 1)")
     add_model_arguments(parser)
     parser.add_argument("--plain-draft-len", type=int, default=None,
@@ -430,7 +432,8 @@ def format_text(report: dict) -> str:
 
 def describe_run(report: dict) -> str:
     run = report["run"]
-    return (f"bench: {run['prompts']} prompts from {run['suite']} x {run['repeats']} repeat(s), max_new_tokens "
+    first = f" after the first {run['skip']}" if run.get("skip") else ""
+    return (f"bench: {run['prompts']} prompts from {run['suite']}{first} x {run['repeats']} repeat(s), max_new_tokens "
             f"{run['max_new_tokens']}, {run['sampling']['mode']}, {run['device']}; tokens/s of decoding "
             f"(prefill excluded) with {report['confidence']:.0%} bootstrap intervals over prompts")
 
@@ -625,7 +628,7 @@ def run(args) -> int:
         "arguments": {key: value if isinstance(value, (int, float, str, type(None))) else str(value)
                       for key, value in vars(args).items() if key != "run"},
         "confidence": args.confidence, "bootstrap": args.bootstrap, "config_file": str(args.config),
-        "run": {**metadata, "prompt_tokens": None, "prompts": len(prompts), "suite": args.suite,
+        "run": {**metadata, "prompt_tokens": None, "prompts": len(prompts), "suite": args.suite, "skip": args.skip,
                 "plain_draft_len": plain_len, "plain_draft_len_source": plain_source,
                 "torch_threads": torch.get_num_threads(), "threads_per_model": branch.threads_per_model,
                 "traces": str(traces)},

@@ -53,6 +53,7 @@ def add_parser(subparsers) -> None:
     source.add_argument("--prompt", default=None, help="one prompt text, sent as a chat message")
     source.add_argument("--suite", default=None, help="prompt suite: mt-bench, humaneval or a .jsonl file")
     parser.add_argument("--limit", type=int, default=None, help="decode only the first N prompts of the suite")
+    parser.add_argument("--skip", type=int, default=0, help="skip the first N prompts of the suite (default 0)")
     parser.add_argument("--no-chat", action="store_true", help="send --prompt as plain text, without the chat template")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="trace file (.parquet) to write every round to")
@@ -165,9 +166,10 @@ def load_prompts(args, tokenizer) -> tuple[list, dict | None]:
             raise BpsimError("--prompt is empty; pass some text to decode")
         prompt = Prompt("prompt/0", args.prompt, chat=not getattr(args, "no_chat", False))
         return [(prompt.prompt_id, encode_prompt(tokenizer, prompt))], None
-    suite = load_suite(args.suite, args.limit)
+    skip = getattr(args, "skip", 0)
+    suite = load_suite(args.suite, args.limit, skip)
     return ([(prompt.prompt_id, encode_prompt(tokenizer, prompt)) for prompt in suite.prompts],
-            {"name": suite.name, "path": args.suite, "source": suite.source, "prompts": len(suite)})
+            {"name": suite.name, "path": args.suite, "source": suite.source, "prompts": len(suite), "skipped": skip})
 
 
 def load_predictor(exported):
@@ -266,6 +268,8 @@ def run(args) -> int:
     check_max_new_tokens(args.max_new_tokens)
     if args.limit is not None and args.prompt is not None:
         raise BpsimError("--limit applies to --suite only; drop it or decode a suite")
+    if args.skip and args.prompt is not None:
+        raise BpsimError("--skip applies to --suite only; drop it or decode a suite")
     exported = load_exported(args.config)
     sampling = sampling_config(args)
     branch = branch_config(args, exported)

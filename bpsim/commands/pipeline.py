@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--suite", default="mt-bench", help="prompt suite: mt-bench, humaneval or a JSONL file (default mt-bench)")
     parser.add_argument("--limit", type=int, default=24, help="prompts recorded for fitting (default 24)")
     parser.add_argument("--bench-limit", type=int, default=8,
-                        help="prompts decoded live by every policy of the bench (default 8)")
+                        help="prompts decoded live by every policy of the bench, taken after the recorded ones "
+                             "(default 8)")
     parser.add_argument("--draft-len", type=int, default=4, help="draft_len of the recorded speculative trace (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per request (default 128)")
     parser.add_argument("--target", default=None, help="target model (default: the built-in smollm2-135m)")
@@ -99,12 +100,11 @@ def run(args) -> int:
     # 5. Export the predictor with the best replayed speed on held-out requests.
     predictor = out / "predictor.json"
     _stage("export", predictor, ["export", str(out / "fit"), "--out", str(predictor), "--seed", str(args.seed)], timings)
-    # 6. Bench: every policy live on the same prompts, interleaved.
-    # NOTE: the bench decodes the suite's first prompts, which the fit also saw.
+    # 6. Bench: every policy live on the same prompts, interleaved, on prompts the fit did not see.
     if not args.skip_bench:
         _stage("bench", out / "bench" / "bench.json",
-               ["bench", "--config", str(predictor), "--suite", args.suite, "--limit", str(args.bench_limit),
-                *models, *common, "--out", str(out / "bench")], timings)
+               ["bench", "--config", str(predictor), "--suite", args.suite, "--skip", str(args.limit), "--limit",
+                str(args.bench_limit), *models, *common, "--out", str(out / "bench")], timings)
     write_text(out / "report.md", _report(out, args, timings))
     print(f"pipeline finished: {out / 'report.md'}")
     return 0
