@@ -589,9 +589,9 @@ def probe_thread_overlap(draft_job: Callable[[], object], verify_job: Callable[[
                          threads_per_model: int | None = 1) -> OverlapProbe:
     """Time ``repeats`` rounds of both jobs sequentially, then on two threads.
 
-    The sequential run uses every intra-op thread, as a decoder that does not pre-draft would;
-    it is also timed on ``threads_per_model`` threads to separate the cost of fewer threads from
-    the gain of concurrency. Two threads pay only when the concurrent time is below the first.
+    The sequential run uses every intra-op thread, as a decoder that does not pre-draft would.
+    It is also timed on ``threads_per_model`` threads, which separates the cost of fewer threads
+    from the gain of concurrency. Two threads pay only when the concurrent time is below the first.
     """
     threads = torch.get_num_threads()
     backend = ThreadBackend(threads_per_model)

@@ -77,7 +77,7 @@ def run(args) -> int:
     profile = traces / f"greedy-k{args.draft_len}.profile.parquet"
     timings: dict[str, str] = {}
 
-    # 1. Record a speculative trace, a shorter target-only one so the latency model sees verify
+    # 1. Record a speculative trace, a shorter target-only one so the latency model gets verify
     #    passes of two lengths, and a shorter pre-drafting one that times the overlap.
     _stage("record", spec, ["record", "--suite", args.suite, "--limit", str(args.limit), "--draft-len",
                             str(args.draft_len), *models, *record_options, "--out", str(spec)], timings)

@@ -20,7 +20,7 @@ The next draft_len m maximises the stationary speed of rounds that all draft m t
     hit(m)    = max_j P_m(j) g(j),
 
 over the candidate lengths, 0 (plain target decoding, speed 1 / verify_ms(1, ctx)) included. A
-decoder that does not pre-draft pays neither the pre-draft nor gets the hit, so then
+decoder that does not pre-draft neither pays for a pre-draft nor gains from a hit, so then
 
     speed(m)  = (E_m[A] + 1) / (verify_ms(m + 1, ctx) + draft_ms(m)).
 """
