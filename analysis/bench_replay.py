@@ -35,6 +35,7 @@ from bpsim.replay_data import AcceptanceTable, realize, trace_outcomes
 from bpsim.latency import fit_from_table
 from bpsim.replay_steppers import build_stepper, first_draft_len
 from bpsim.synthetic import synthetic_trace
+from machine import cpu_model
 
 ACCEPTANCE = 0.7
 
@@ -105,13 +106,7 @@ def measure(name: str, configs: int, work, device, repeats: int) -> dict:
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15": load, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -167,7 +162,7 @@ def main(argv=None) -> int:
     lengths = list(range(1, args.sweep + 1))
     sweep = [ExpAveragePredictor(alpha=a, draft_len=n, max_draft_len=max(8, args.sweep))
              for a in alphas for n in lengths]
-    rows.append(measure(f"sweep: exp-average alpha x draft_len", len(sweep),
+    rows.append(measure("sweep: exp-average alpha x draft_len", len(sweep),
                         lambda: run_predictors(batch, table, sweep, device), device, repeats))
 
     if args.compare_threads:

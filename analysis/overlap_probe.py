@@ -57,6 +57,7 @@ from transformers.utils import logging as transformers_logging
 
 from bpsim.models import load_pair
 from bpsim.prompts import encode_prompt, load_suite
+from machine import cpu_model
 
 # Loading the pair takes seconds once its weights are cached, but the first load also
 # dequantises the built-in GGUF file (about 15 s on a 2-core CPU, per bpsim.models).
@@ -325,15 +326,8 @@ def summarise(samples: dict, threads_per_model: int) -> list[dict]:
 
 
 def machine(default_threads: int) -> dict:
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu_model = names[0] if names else None
-    except OSError:
-        pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"processor": platform.processor(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
+    return {"processor": platform.processor(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "load_average_1_5_15": load, "torch": torch.__version__, "torch_default_threads": default_threads,
             "python": platform.python_version()}
 
