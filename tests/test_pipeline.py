@@ -45,3 +45,28 @@ def test_report_lists_stage_times(tmp_path):
     text = pipeline._report(tmp_path, args, {"record": "1.0 s"})
     assert "| record | 1.0 s |" in text
     assert "## Bench" in text
+
+
+def test_stage_rerecords_interrupted_trace(tmp_path, monkeypatch):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from bpsim.synthetic import synthetic_trace
+
+    output = tmp_path / "greedy-k4.parquet"
+    table = synthetic_trace(requests=2, rounds_per_request=3)
+    metadata = {**json.loads(table.schema.metadata[b"bpsim"]), "complete": False}
+    pq.write_table(table.replace_schema_metadata({b"bpsim": json.dumps(metadata).encode()}), output)
+    calls = []
+    monkeypatch.setattr("bpsim.cli.main", lambda argv: calls.append(argv) or 0)
+    pipeline._stage("record", output, ["record"], {})
+    assert calls == [["record"]]
+    assert (tmp_path / "greedy-k4.interrupted.parquet").is_file()
+    assert not output.exists()
+
+
+def test_stage_interrupt_names_output(tmp_path, monkeypatch):
+    monkeypatch.setattr("bpsim.cli.main", lambda argv: 130)
+    with pytest.raises(pipeline.PipelineError, match="interrupted in stage record"):
+        pipeline._stage("record", tmp_path / "t.parquet", ["record"], {})

@@ -44,9 +44,17 @@ def add_parser(subparsers) -> None:
 
 
 def _stage(name: str, output: Path, argv: list[str], timings: dict) -> None:
-    """Run one stage command unless ``output`` exists; raise if it fails."""
+    """Run one stage command unless ``output`` exists; raise if it fails.
+
+    A trace left incomplete by an interrupted run is moved aside (never deleted) and recorded again.
+    """
     from bpsim.cli import main
 
+    if output.exists() and _incomplete_trace(output):
+        kept = _free_path(output.with_name(output.name.removesuffix(".parquet") + ".interrupted.parquet"))
+        output.rename(kept)
+        logger.warning("stage %s: %s was left incomplete by an interrupted run; kept it as %s and recording again",
+                       name, output, kept)
     if output.exists():
         logger.info("stage %s: %s exists, skipped", name, output)
         timings[name] = "skipped (output existed)"
@@ -54,10 +62,47 @@ def _stage(name: str, output: Path, argv: list[str], timings: dict) -> None:
     logger.info("stage %s: bpsim %s", name, " ".join(argv))
     started = time.perf_counter()
     code = main(argv)
+    if code == 130:
+        raise PipelineError(f"interrupted in stage {name}; what it finished is in {output} (marked incomplete "
+                            "when it is a trace). Rerun the pipeline with the same --out to resume: finished "
+                            "stages are skipped and an incomplete trace is kept aside and recorded again")
     if code != 0:
         raise PipelineError(f"stage {name} failed with exit code {code} (command: bpsim {' '.join(argv)}); "
                             f"fix the error above and rerun the pipeline with the same --out to resume")
     timings[name] = f"{time.perf_counter() - started:.1f} s"
+
+
+def _incomplete_trace(path: Path) -> bool:
+    """Whether ``path`` is a trace whose metadata marks its run as interrupted."""
+    if path.suffix != ".parquet" or path.name.endswith(".profile.parquet"):
+        return False
+    import pyarrow.parquet as pq
+
+    from bpsim.traces import METADATA_KEY
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        return bool(raw) and json.loads(raw).get("complete") is False
+    except (OSError, ValueError):
+        return False
+
+
+def _free_path(path: Path) -> Path:
+    """Return ``path``, or ``path`` with a number before its suffixes when it exists."""
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name.removesuffix('.parquet')}-{number}.parquet")
+        number += 1
+    return candidate
+
+
+def _free_dir(path: Path) -> Path:
+    """Return ``path``, or ``path`` with a number appended when it exists."""
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}-{number}")
+        number += 1
+    return candidate
 
 
 def run(args) -> int:
@@ -102,6 +147,12 @@ def run(args) -> int:
     _stage("export", predictor, ["export", str(out / "fit"), "--out", str(predictor), "--seed", str(args.seed)], timings)
     # 6. Bench: every policy live on the same prompts, interleaved, on prompts the fit did not see.
     if not args.skip_bench:
+        bench_dir = out / "bench"
+        if bench_dir.exists() and not (bench_dir / "bench.json").exists():
+            # An interrupted bench left traces but no results; keep them aside and bench again.
+            kept = _free_dir(out / "bench.interrupted")
+            bench_dir.rename(kept)
+            logger.warning("stage bench: %s was left by an interrupted bench; kept it as %s", bench_dir, kept)
         _stage("bench", out / "bench" / "bench.json",
                ["bench", "--config", str(predictor), "--suite", args.suite, "--skip", str(args.limit), "--limit",
                 str(args.bench_limit), *models, *common, "--out", str(out / "bench")], timings)
