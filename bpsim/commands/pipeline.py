@@ -63,9 +63,11 @@ def _stage(name: str, output: Path, argv: list[str], timings: dict) -> None:
     started = time.perf_counter()
     code = main(argv)
     if code == 130:
-        raise PipelineError(f"interrupted in stage {name}; what it finished is in {output} (marked incomplete "
-                            "when it is a trace). Rerun the pipeline with the same --out to resume: finished "
-                            "stages are skipped and an incomplete trace is kept aside and recorded again")
+        kept = (f"what it finished is kept in {output}, marked incomplete" if output.exists()
+                else "it finished nothing that could be kept")
+        raise PipelineError(f"interrupted in stage {name}; {kept}. Rerun the pipeline with the same --out to "
+                            "resume: finished stages are skipped, and an incomplete trace is kept aside and "
+                            "recorded again")
     if code != 0:
         raise PipelineError(f"stage {name} failed with exit code {code} (command: bpsim {' '.join(argv)}); "
                             f"fix the error above and rerun the pipeline with the same --out to resume")
