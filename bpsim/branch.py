@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from bpsim.decoding import (CachedModel, DecodeConfig, DecodingError, Drafts, Generation, SpeculativeDecoder, accept,
-                            draft, eos_token_ids, no_drafts, prefill, rollback, single_request, verify)
+                            draft, eos_token_ids, no_drafts, rollback, single_request, verify)
 from bpsim.predraft import (BACKENDS, Check, adopt_row, check_predraft, make_backend, plan_predraft,
                             restore_after_miss, run_predraft)
 from bpsim.sampling import request_generator

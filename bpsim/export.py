@@ -205,6 +205,11 @@ def validate_exported(data, source: str = "the exported config") -> ExportedPred
     created_at = _require(data, "created_at", str, source, fix)
     bpsim_version = _require(data, "bpsim_version", str, source, fix)
     predraft = _require(data, "predraft", bool, source, fix) if "predraft" in data else True
+    chosen_for = getattr(predictor, "predraft", predraft)
+    if chosen_for != predraft:
+        raise ExportError(f"{source}: field 'predraft' is {str(predraft).lower()}"
+                          f"{'' if 'predraft' in data else ' (absent, so true)'}, but the predictor's params were "
+                          f"chosen for predraft {str(chosen_for).lower()}; {fix}")
     del predictor  # built only to validate the config
     return ExportedPredictor(predictor_config=config, first_draft_len=first, max_draft_len=maximum, latency=latency,
                              fitted_on=fitted_on, expected=expected, created_at=created_at,

@@ -217,9 +217,15 @@ class LatencyModel:
             assumed.append("draft_overhead_ms")
 
         # Verify: base + per token + per context token; drop the columns the data cannot identify.
-        # A concurrent pre-draft can slow verification down, so when enough rounds ran without one
-        # the verify fit uses only those and the slowdown shows up as pre-draft overhead below.
-        quiet = ~predrafted if (~predrafted).sum() >= MIN_ROUNDS_WITHOUT_PREDRAFT else np.ones_like(predrafted)
+        # A concurrent pre-draft can slow verification down, so the verify fit uses only the rounds
+        # without one, and the slowdown shows up in the pre-draft overlap below.
+        if predrafted.any() and (~predrafted).sum() < MIN_ROUNDS_WITHOUT_PREDRAFT:
+            raise LatencyModelError(
+                f"only {(~predrafted).sum()} of {len(predrafted)} rounds ran without a pre-draft beside them, and "
+                "verification slowed down by a pre-draft cannot time the target; add a trace recorded without "
+                f"pre-drafting ({MIN_ROUNDS_WITHOUT_PREDRAFT} rounds or more, e.g. bpsim record --draft-len 4 and "
+                "--target-only)")
+        quiet = ~predrafted
         tokens = draft_len + 1
         columns = [np.ones_like(tokens)]
         names = ["verify_base_ms"]
@@ -235,6 +241,7 @@ class LatencyModel:
             assumed.append("verify_ms_per_context")
         design = np.stack(columns, axis=1)
         coefficients, *_ = np.linalg.lstsq(design[quiet], verify_ms[quiet], rcond=None)
+        _warn_on_stalls(verify_ms[quiet], tokens[quiet])
         fitted = dict(zip(names, coefficients))
         # NOTE: with one verified length the whole verify cost sits in the base, as if verifying
         # k tokens cost the same as one; record at two draft_len values to fit the slope.
@@ -295,6 +302,21 @@ class LatencyModel:
         assumed.append("branch_batch_cost")
         return dataclasses.replace(model, predraft_overlap=float(overlap), predraft_overhead_ms=overhead,
                                    assumed=tuple(assumed))
+
+
+STALL_FACTOR = 5.0  # a verification this many times the median of its length counts as a stall
+
+
+def _warn_on_stalls(verify_ms: np.ndarray, tokens: np.ndarray) -> None:
+    """Warn when verifications took many times the usual time for their length, as on a busy machine."""
+    stalls = 0
+    for length in np.unique(tokens):
+        times = verify_ms[tokens == length]
+        stalls += int((times > STALL_FACTOR * np.median(times)).sum())
+    if stalls:
+        logger.warning("%d of %d verifications took over %gx the median time of their length; another process was "
+                       "probably running, and the latency model fitted on them is skewed. Record again on a quiet "
+                       "machine", stalls, len(verify_ms), STALL_FACTOR)
 
 
 def fit_from_table(table) -> LatencyModel:

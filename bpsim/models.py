@@ -129,8 +129,8 @@ class ModelPair:
 def _builtin_target_files() -> Path:
     """Dequantise the built-in GGUF once and return the cached safetensors folder."""
     source = gguf_path()
-    key = f"{source.stat().st_size}-{int(source.stat().st_mtime)}"
-    folder = cache_dir() / f"{BUILTIN_TARGET}-{key}"
+    # Keyed on the file's content (0.2 s to hash), so a reinstalled package reuses the cache.
+    folder = cache_dir() / f"{BUILTIN_TARGET}-{file_sha256(source)[:16]}"
     if (folder / "model.safetensors").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -355,8 +355,7 @@ def predictor_label(predictor: Predictor) -> str:
                              inspect.signature(cls.__init__).parameters.items()
                              if parameter.default is not inspect.Parameter.empty})
     scalars = [f"{key}={value}" for key, value in predictor.params().items()
-               if isinstance(value, (int, float, str)) and not isinstance(value, bool)
-               and defaults.get(key, inspect.Parameter.empty) != value]
+               if isinstance(value, (int, float, str)) and defaults.get(key, inspect.Parameter.empty) != value]
     return predictor.family + (":" + ",".join(scalars) if scalars else "")
 
 
@@ -460,7 +459,7 @@ class ReplayResult:
         return "\n".join(out)
 
     def to_markdown(self) -> str:
-        lines = [f"# Replay\n", f"- Mode: **{self.mode}**",
+        lines = ["# Replay\n", f"- Mode: **{self.mode}**",
                  f"- Requests: {self.requests} ({self.samples} draw(s) each), {self.tokens} output tokens",
                  f"- Best plain speculative draft_len: {self.best_plain_draft_len} (0 = target alone)",
                  f"- Intervals: {self.confidence:.0%} bootstrap over requests",
@@ -698,19 +697,25 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequen
         confidence=confidence, sources=table.sources)
 
 
-def without_predraft(predictor: Predictor) -> Predictor:
-    """Return the predictor as it chooses draft lengths for a decoder that does not pre-draft.
+def for_mode(predictor: Predictor, predraft: bool) -> Predictor:
+    """Return the predictor as it chooses draft lengths for a decoder that pre-drafts or does not.
 
     Distribution families weigh the pre-draft's cost and hits into each draft_len's speed, so they
-    are rebuilt with ``predraft=False``; the other families choose the same lengths either way.
+    are rebuilt with that ``predraft``; the other families choose the same lengths either way.
     """
     from bpsim.predictors.base import predictor_from_config
     from bpsim.predictors.distribution import DistributionPredictor
 
-    if not isinstance(predictor, DistributionPredictor) or not predictor.predraft:
+    if not isinstance(predictor, DistributionPredictor) or predictor.predraft == predraft:
         return predictor
     config = predictor.to_config()
-    return predictor_from_config({**config, "params": {**config["params"], "predraft": False}})
+    params = {key: value for key, value in config["params"].items() if key != "predraft"}
+    return predictor_from_config({**config, "params": {**params, **({} if predraft else {"predraft": False})}})
+
+
+def without_predraft(predictor: Predictor) -> Predictor:
+    """Return the predictor as it chooses draft lengths for a decoder that does not pre-draft."""
+    return for_mode(predictor, False)
 
 
 def first_draft_len_summary(predictor: Predictor, table: AcceptanceTable) -> int:

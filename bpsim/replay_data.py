@@ -471,7 +471,14 @@ def load_acceptance(paths, latency: LatencyModel | None = None, latency_paths=()
         if target not in targets:
             raise ReplayInputError(f"target-only trace {path} was recorded with target {target}, but the other files "
                                    f"use {', '.join(sorted(map(str, targets)))}; replay one target at a time")
+    given = {Path(p).resolve() for p in paths} | {trace_path_of_profile(p).resolve() for p in paths if is_profile_path(p)}
     for path in map(Path, latency_paths):
+        if is_profile_path(path):
+            raise ReplayInputError(f"latency trace {path} is a profile; pass the trace it was made from "
+                                   f"({trace_path_of_profile(path)})")
+        if path.resolve() in given:
+            raise ReplayInputError(f"latency trace {path} is also replayed (itself or through its profile), so its "
+                                   "timings would count twice; drop it from --latency-traces")
         trace = _read_trace(path)
         if trace.num_rows == 0:
             raise ReplayInputError(f"latency trace {path} contains no rounds; record at least one request")

@@ -260,3 +260,21 @@ def test_suite_skip_drops_first_prompts():
     assert [p.prompt_id for p in later.prompts] == [p.prompt_id for p in every.prompts[24:27]]
     with pytest.raises(PromptSuiteError, match="leaves no prompt"):
         load_suite("mt-bench", skip=len(every.prompts))
+
+
+def test_predictor_follows_predraft_override(tmp_path):
+    from bpsim.commands.decode import load_predictor
+    from bpsim.predictors.distribution import BinomialPredictor
+
+    latency = LatencyModel(draft_ms_per_token=2.0, verify_base_ms=20.0)
+    exported = write_exported(tmp_path / "predictor.json", BinomialPredictor(p=0.5, latency=latency))
+    assert exported.predraft is True
+    assert load_predictor(exported).predraft is True
+    assert load_predictor(exported, False).predraft is False
+
+
+def test_decode_rejects_backend_without_predraft(tmp_path, capsys):
+    config = tmp_path / "predictor.json"
+    write_exported(config, StaticPredictor("all", draft_len=3))
+    assert cli.main(["decode", "--config", str(config), "--prompt", "hi", "--predraft", "off", "--width", "2"]) == 2
+    assert "does not pre-draft" in capsys.readouterr().err

@@ -189,3 +189,17 @@ def test_export_without_predraft_field_reads_as_predrafting(exported, tmp_path):
     path = tmp_path / "older.json"
     path.write_text(json.dumps(data))
     assert load_exported(path).predraft is True
+
+
+def test_load_rejects_mismatched_predraft_modes(exported, tmp_path):
+    data = json.loads(exported["out"].read_text())
+    data["predictor"] = {"version": 1, "family": "binomial",
+                         "params": {"p": 0.5, "latency": data["latency"], "predraft": False}}
+    data["predraft"] = True
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ExportError, match="chosen for predraft false"):
+        load_exported(path)
+    data["predraft"] = False
+    path.write_text(json.dumps(data))
+    assert load_exported(path).predraft is False

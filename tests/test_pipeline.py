@@ -70,3 +70,13 @@ def test_stage_interrupt_names_output(tmp_path, monkeypatch):
     monkeypatch.setattr("bpsim.cli.main", lambda argv: 130)
     with pytest.raises(pipeline.PipelineError, match="interrupted in stage record"):
         pipeline._stage("record", tmp_path / "t.parquet", ["record"], {})
+
+
+def test_prompt_counts_checked_before_stages(tmp_path):
+    suite = tmp_path / "three.jsonl"
+    suite.write_text("\n".join('{"prompt": "Say %d."}' % i for i in range(3)) + "\n")
+    args = SimpleNamespace(suite=str(suite), limit=3, bench_limit=2, skip_bench=False)
+    with pytest.raises(pipeline.PipelineError, match="leaving none for the bench"):
+        pipeline.check_prompt_counts(args)
+    pipeline.check_prompt_counts(SimpleNamespace(suite=str(suite), limit=3, bench_limit=2, skip_bench=True))
+    pipeline.check_prompt_counts(SimpleNamespace(suite=str(suite), limit=2, bench_limit=2, skip_bench=False))

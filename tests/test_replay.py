@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bpsim.cli import main
-from bpsim.latency import LatencyModel, fit_from_table
+from bpsim.latency import LatencyModel, LatencyModelError, fit_from_table
 from bpsim.predictors.base import PredictorConfigError, RoundFeatures, predictor_from_config
 from bpsim.predictors.distribution import BetaGeometricPredictor, CappedGeometricPredictor, EmpiricalPredictor
 from bpsim.predictors.features import HazardGLMPredictor
@@ -527,3 +527,19 @@ def test_overlap_not_fitted_without_verify_slope(caplog):
                                  predraft_len=np.where(predrafted, 4, 0))
     assert "predraft_overlap" in model.assumed
     assert any("overlap not fitted" in record.message for record in caplog.records)
+
+
+def test_latency_traces_reject_profiles_and_repeats(tmp_path):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=3, rounds_per_request=8)
+    with pytest.raises(ReplayInputError, match="count twice"):
+        load_acceptance([trace], latency_paths=[trace])
+    with pytest.raises(ReplayInputError, match="is a profile"):
+        load_acceptance([trace], latency_paths=[tmp_path / "t.profile.parquet"])
+
+
+def test_predraft_only_timings_rejected():
+    rounds = 30
+    draft_len = np.full(rounds, 4.0)
+    with pytest.raises(LatencyModelError, match="without a pre-draft"):
+        LatencyModel.fit(draft_len, 9.0 * draft_len, np.full(rounds, 40.0), predraft_ms=np.full(rounds, 36.0),
+                         round_ms=np.full(rounds, 90.0), predraft_len=np.full(rounds, 4))

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from bpsim.commands.decode import (RequestSummary, add_model_arguments, branch_config, check_max_new_tokens,
-                                   load_models, load_predictor, load_prompts, run_metadata, sampling_config)
+                                   check_suite, load_models, load_predictor, load_prompts, run_metadata,
+                                   sampling_config)
 from bpsim.errors import BpsimError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def build_policies(pair, exported, predictor_factory: Callable[[], object], *, p
     from bpsim.branch import BranchConfig, BranchPredictedDecoder, PlusTwoMinusOne
     from bpsim.decoding import DecodeConfig, SpeculativeDecoder
     from bpsim.predictors.static import StaticPredictor
-    from bpsim.replay import predictor_label
+    from bpsim.replay import for_mode, predictor_label
 
     def config(draft_len: int) -> DecodeConfig:
         return DecodeConfig(draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling)
@@ -144,8 +145,8 @@ def build_policies(pair, exported, predictor_factory: Callable[[], object], *, p
         wide = dataclasses.replace(predrafting, width=exhaustive)
         policies.append(BenchPolicy(
             f"exhaustive:width={exhaustive or 'all'}+{label}", "exhaustive",
-            BranchPredictedDecoder.from_pair(pair, config(exported.first_draft_len), predictor=predictor_factory(),
-                                             branch=wide),
+            BranchPredictedDecoder.from_pair(pair, config(exported.first_draft_len),
+                                             predictor=for_mode(predictor_factory(), True), branch=wide),
             exported.predictor_config, exported.first_draft_len, {"branch": wide.to_dict()}))
     return policies
 
@@ -341,7 +342,7 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
     """Replay every policy the simulator models on these prompts; return predicted speedups and the oracle."""
     from bpsim.latency import fit_from_table
     from bpsim.predictors.static import StaticPredictor
-    from bpsim.replay import replay
+    from bpsim.replay import for_mode, replay
 
     outputs = {run.prompt_index: run.tokens for run in runs if run.policy == "target" and run.repeat == 0}
     latency = fit_from_table(rounds_table(runs))
@@ -353,8 +354,10 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
     branch_policy = next(policy for policy in policies if policy.kind == "branch")
     branch_predrafts = branch_policy.settings["branch"]["predraft"]
     branch = replay(table, [predictor_factory()], first_draft_len=exported.first_draft_len,
-                    exhaustive_widths=[exhaustive] if exhaustive is not None else (),
                     sequential=not branch_predrafts, **common)
+    # The exhaustive policy always pre-drafts, so its predictor chooses lengths for that mode.
+    wide = (replay(table, [for_mode(predictor_factory(), True)], first_draft_len=exported.first_draft_len,
+                   exhaustive_widths=[exhaustive], oracle=False, **common) if exhaustive is not None else None)
     pearl = replay(table, [StaticPredictor("all", draft_len=n)], first_draft_len=n, oracle=False, **common)
     predicted = {}
     for policy in policies:
@@ -363,7 +366,7 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
         elif policy.kind == "branch":
             source = next(p for p in branch.policies if p.kind == ("predicted" if branch_predrafts else "sequential"))
         elif policy.kind == "exhaustive":
-            source = next(p for p in branch.policies if p.kind == "exhaustive")
+            source = next(p for p in wide.policies if p.kind == "exhaustive")
         elif policy.kind == "pearl":
             source = next(p for p in pearl.policies if p.kind == "predicted")
         else:
@@ -376,7 +379,7 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
             "latency": latency.to_dict(), "latency_description": latency.describe(), "predicted": predicted,
             "oracle": {"name": oracle.name, "tokens_per_s": asdict(oracle.tokens_per_s),
                        "vs_target": asdict(oracle.speedup_vs_target)},
-            "warnings": branch.warnings + pearl.warnings}
+            "warnings": branch.warnings + pearl.warnings + (wide.warnings if wide is not None else [])}
 
 
 def attach_predictions(results: list[dict], simulation: dict | None) -> None:
@@ -580,6 +583,7 @@ def run(args) -> int:
     exported = load_exported(args.config)
     sampling = sampling_config(args)
     branch = branch_config(args, exported)
+    check_suite(args)
     plain_len, plain_source = plain_draft_len_of(args, exported)
     heuristic_max = args.heuristic_max_draft_len or max(exported.max_draft_len, plain_len)
     if heuristic_max < plain_len:
@@ -591,7 +595,8 @@ def run(args) -> int:
 
     pair = load_models(args, exported)
     prompts, suite = load_prompts(args, pair.tokenizer)
-    policies = build_policies(pair, exported, lambda: load_predictor(exported), plain_draft_len=plain_len,
+    policies = build_policies(pair, exported, lambda: load_predictor(exported, branch.predraft),
+                              plain_draft_len=plain_len,
                               heuristic_max_draft_len=heuristic_max, max_new_tokens=args.max_new_tokens,
                               sampling=sampling, branch=branch, exhaustive=args.exhaustive)
     import torch

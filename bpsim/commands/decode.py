@@ -172,11 +172,25 @@ def load_prompts(args, tokenizer) -> tuple[list, dict | None]:
             {"name": suite.name, "path": args.suite, "source": suite.source, "prompts": len(suite), "skipped": skip})
 
 
-def load_predictor(exported):
-    """Build the exported predictor, giving the distribution families the exported latency model."""
-    from bpsim.commands.replay import build_predictors
+def check_suite(args) -> None:
+    """Check the suite, --limit and --skip before any model loads."""
+    from bpsim.prompts import load_suite
 
-    return build_predictors([exported.predictor_config], exported.latency)[0]
+    if getattr(args, "suite", None) is not None:
+        load_suite(args.suite, args.limit, getattr(args, "skip", 0))  # raises PromptSuiteError, a BpsimError
+
+
+def load_predictor(exported, predraft: bool | None = None):
+    """Build the exported predictor, giving the distribution families the exported latency model.
+
+    With ``predraft`` given, the predictor chooses draft lengths for a decoder in that mode, which
+    may differ from the exported one when ``--predraft`` overrides it.
+    """
+    from bpsim.commands.replay import build_predictors
+    from bpsim.replay import for_mode
+
+    predictor = build_predictors([exported.predictor_config], exported.latency)[0]
+    return predictor if predraft is None else for_mode(predictor, predraft)
 
 
 def branch_config(args, exported):
@@ -273,11 +287,15 @@ def run(args) -> int:
     exported = load_exported(args.config)
     sampling = sampling_config(args)
     branch = branch_config(args, exported)
+    if not branch.predraft and (args.backend != "auto" or args.width != 1):
+        raise BpsimError("--backend and --width set how the decoder pre-drafts, but it does not pre-draft "
+                         "(--predraft off, or the exported config chose not to); drop them or pass --predraft on")
+    check_suite(args)
     if args.out is not None and args.out.exists() and not args.force:
         raise BpsimError(f"{args.out} already exists; pass --force to overwrite it or choose another --out")
     pair = load_models(args, exported)
     prompts, suite = load_prompts(args, pair.tokenizer)
-    predictor = load_predictor(exported)
+    predictor = load_predictor(exported, branch.predraft)
     config = DecodeConfig(draft_len=exported.first_draft_len, max_new_tokens=args.max_new_tokens, sampling=sampling)
 
     writer = None

@@ -107,8 +107,29 @@ def _free_dir(path: Path) -> Path:
     return candidate
 
 
+def check_prompt_counts(args) -> None:
+    """Check before any stage runs that the suite has prompts left for the bench after the recorded ones."""
+    from bpsim.prompts import load_suite
+
+    available = len(load_suite(args.suite).prompts)
+    if args.limit < 1:
+        raise PipelineError(f"--limit must be at least 1, got {args.limit}")
+    if args.skip_bench:
+        return
+    if args.bench_limit < 1:
+        raise PipelineError(f"--bench-limit must be at least 1, got {args.bench_limit}")
+    if args.limit >= available:
+        raise PipelineError(f"--limit {args.limit} records every prompt of {args.suite} ({available}), leaving none "
+                            "for the bench, which runs on the prompts after the recorded ones; lower --limit or "
+                            "pass --skip-bench")
+    if args.limit + args.bench_limit > available:
+        logger.warning("%s has %d prompts: the bench gets %d after the %d recorded, not --bench-limit %d",
+                       args.suite, available, available - args.limit, args.limit, args.bench_limit)
+
+
 def run(args) -> int:
     out: Path = args.out
+    check_prompt_counts(args)
     traces = out / "traces"
     traces.mkdir(parents=True, exist_ok=True)
     models = []

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sys
 from pathlib import Path
 
 from bpsim.errors import BpsimError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FAMILIES = ("last-value", "exp-average", "saturating-counter", "two-level", "one-bit", "plus2-minus1",
                     "static")
@@ -111,7 +114,11 @@ def read_configs(path: Path) -> list[dict]:
     except json.JSONDecodeError as error:
         raise BpsimError(f"--config file {path} is not valid JSON ({error})") from error
     if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT:
-        return [load_exported(path).predictor_config]
+        exported = load_exported(path)
+        if not exported.predraft:
+            logger.info("%s decodes without pre-drafting; its sequential: row is the one that applies", path)
+            return [{**exported.predictor_config, "_sequential": True}]
+        return [exported.predictor_config]
     configs = data if isinstance(data, list) else [data]
     for index, config in enumerate(configs):
         if not isinstance(config, dict):
@@ -169,12 +176,15 @@ def run(args) -> int:
 
     configs = [config for spec in args.predictor for config in parse_predictor_spec(spec)]
     configs += [config for path in args.config for config in read_configs(path)]
+    # A predictor exported for decoding without pre-drafting is replayed in that mode too.
+    marks = [config.pop("_sequential", False) for config in configs]
+    sequential = args.sequential or any(marks)
     if not configs:
         configs = [config for family in DEFAULT_FAMILIES for config in parse_predictor_spec(family)]
     predictors = build_predictors(configs, latency)
 
     result = replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=widths,
-                    sequential=args.sequential,
+                    sequential=sequential,
                     first_draft_len=args.first_draft_len, device=args.device, samples=args.samples,
                     bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed, threads=args.threads,
                     progress=sys.stderr.isatty())
