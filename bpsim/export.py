@@ -336,6 +336,18 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def check_traces_unchanged(summary: dict, fit_dir: Path) -> None:
+    """Reject an export whose traces differ from those ``bpsim fit`` hashed (summaries without hashes pass)."""
+    for path, digest in (summary.get("trace_sha256") or {}).items():
+        current = _sha256(Path(path))
+        if current is None:
+            raise ExportError(f"trace {path} that bpsim fit read for {fit_dir} is not found; run bpsim export from the "
+                              "folder bpsim fit ran in, or fit again")
+        if current != digest:
+            raise ExportError(f"trace {path} changed since bpsim fit read it for {fit_dir} (sha256 {digest[:12]}... "
+                              f"then, {current[:12]}... now); fit again")
+
+
 def _trace_provenance(paths: list[Path]) -> tuple[list[dict], list[dict], list[dict]]:
     from bpsim.traces import read_trace, trace_metadata
 
@@ -367,6 +379,7 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
 
     fit_dir, out = Path(fit_dir), Path(out)
     summary = read_summary(fit_dir)
+    check_traces_unchanged(summary, fit_dir)
     data = heldout_replay(fit_dir, summary, device=device, bootstrap=bootstrap, seed=seed, recompute=recompute,
                           threads=threads)
     predicted = [policy for policy in data["policies"] if policy["kind"] in ("predicted", "sequential")]

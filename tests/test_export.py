@@ -203,3 +203,12 @@ def test_load_rejects_mismatched_predraft_modes(exported, tmp_path):
     data["predraft"] = False
     path.write_text(json.dumps(data))
     assert load_exported(path).predraft is False
+
+
+def test_export_rejects_trace_changed_since_fit(tmp_path):
+    trace = write_synthetic(tmp_path / "t.parquet", requests=6, rounds_per_request=10, draft_len=(2, 4))
+    fit_traces([trace], tmp_path / "fit", resamples=0)
+    write_synthetic(trace, requests=6, rounds_per_request=10, draft_len=(2, 4), seed=5)
+    with pytest.raises(ExportError, match="changed since bpsim fit read it"):
+        export_winner(tmp_path / "fit", tmp_path / "predictor.json", device="cpu", bootstrap=10)
+    assert not (tmp_path / "predictor.json").exists()

@@ -139,6 +139,7 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
                test_fraction: float = 0.3, resamples: int = 200, latency_paths: list[Path] = ()) -> dict:
     """Fit and score every family on the traces, write the report and summary into ``out``; return the summary."""
     from bpsim.fitting import FitError, split_by_request
+    from bpsim.models import file_sha256
     from bpsim.latency import LatencyModelError
     from bpsim.report import write_report
     from bpsim.scoring import evaluate
@@ -174,6 +175,7 @@ def fit_traces(paths: list[Path], out: Path, pool: bool = False, stratify: tuple
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "traces": [str(path) for path in paths],
         "latency_traces": [str(path) for path in latency_paths],
+        "trace_sha256": {str(path): file_sha256(Path(path)) for path in [*paths, *latency_paths]},
         "latency": latency.to_dict(),
         "model_pairs": pairs,
         "pooled": len(pairs) > 1,
