@@ -15,6 +15,9 @@ then emits token s + a. Policies:
 - ``sequential``: as ``predicted``, but nothing is pre-drafted: the predictor only sets the next
   draft_len, which the next round drafts after the verdict. It is the right choice where a
   pre-draft beside verification costs more than it saves (a negative or small overlap);
+- ``heuristic``: the +2/-1 draft-length schedule of transformers' assisted generation, set after
+  each verdict (two more drafts after an all-accepted round, one fewer otherwise, within
+  1..max), without pre-drafting;
 - ``exhaustive``: as ``predicted``, but the pre-draft runs in one batch on the ``width`` branch
   points nearest the prediction (width 0 means all n + 1). It is kept when the accepted count is
   any of them, and its compute is ``LatencyModel.predraft_ms`` of the batch;
@@ -158,13 +161,15 @@ def _features(batch: ReplayBatch, row: torch.Tensor, pos: torch.Tensor, n: torch
 
 def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_lens=None,
              stepper: LaneStepper | None = None, first_draft_lens=None, widths=None, predrafting=None,
-             record: bool = False) -> LaneTotals:
+             heuristic_max=None, record: bool = False) -> LaneTotals:
     """Step ``configs x batch.rows`` lanes (config-major) round by round until every request ends.
 
     Plain policies give ``draft_lens`` (configs,); branch-predicted ones give a ``stepper`` and
     ``first_draft_lens`` (configs,) or (lanes,), plus ``widths`` (configs,) for the exhaustive
     strategy (1 = one branch point, 0 = all of them) and ``predrafting`` (configs,) bool, False for
-    configurations that only set draft lengths and never pre-draft (default True).
+    configurations that only set draft lengths and never pre-draft (default True). With
+    ``heuristic_max`` (configs,), plain lanes start at ``draft_lens`` and follow the +2/-1 schedule
+    capped at that maximum.
     """
     if (draft_lens is None) == (stepper is None):
         raise ValueError("pass either draft_lens (plain policies) or a stepper (predicted policies)")
@@ -186,6 +191,7 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
     branches_setting = per_lane(widths) if widths is not None else torch.ones(lanes, dtype=torch.long, device=device)
     allowed = (per_lane([bool(flag) for flag in predrafting]).bool() if predrafting is not None
                else torch.ones(lanes, dtype=torch.bool, device=device))
+    rule_max = per_lane(heuristic_max) if heuristic_max is not None else None
     zeros_f = torch.zeros(lanes, dtype=torch.float64, device=device)
     zeros_i = torch.zeros(lanes, dtype=torch.long, device=device)
     pos = zeros_i.clone()
@@ -240,6 +246,11 @@ def simulate(batch: ReplayBatch, latency: LatencyModel, configs: int, *, draft_l
             if record:
                 for name, value in (("predicted", predicted), ("next_draft_len", proposed), ("hit", hit)):
                     steps.setdefault(name, []).append(value.clone())
+
+        elif rule_max is not None:
+            # The +2/-1 schedule reads this round's verdict; it never pre-drafts.
+            grown = torch.where(accepted >= n, n + 2, n - 1)
+            next_len = torch.where(active, torch.clamp(torch.minimum(grown, rule_max), min=1), next_len)
 
         time_ms += torch.where(active, round_ms, zeros_f)
         counts["rounds"] += active
@@ -580,13 +591,14 @@ def _first_lens(predictors: list[Predictor], batch: ReplayBatch) -> torch.Tensor
 
 def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | None = None,
            draft_lens=DEFAULT_DRAFT_LENS, exhaustive_widths=(), sequential: bool = False,
-           first_draft_len: int | None = None,
+           heuristic: tuple[int, int] | None = None, first_draft_len: int | None = None,
            oracle: bool = True, device: str | torch.device = "auto", samples: int | None = None,
            bootstrap: int = DEFAULT_BOOTSTRAP, confidence: float = 0.95, seed: int = 0,
            vectorised: bool = True, threads: int | None = None, progress: bool = False) -> ReplayResult:
     """Replay target-only, plain speculative decoding at each of ``draft_lens``, every predictor, the
     exhaustive strategy at each of ``exhaustive_widths`` for every predictor, with ``sequential``
-    every predictor once more without pre-drafting, and the oracle.
+    every predictor once more without pre-drafting, with ``heuristic = (first, max)`` the +2/-1
+    schedule, and the oracle.
 
     ``latency`` defaults to the model fitted from the table's traces. ``first_draft_len`` sets
     the first round of every predicted policy (default: each predictor's own, see
@@ -601,13 +613,13 @@ def replay(table: AcceptanceTable, predictors=(), *, latency: LatencyModel | Non
         threads = DEFAULT_CPU_THREADS
     with intra_op_threads(threads):
         return _replay(table, predictors, latency=latency, draft_lens=draft_lens, exhaustive_widths=exhaustive_widths,
-                       sequential=sequential, first_draft_len=first_draft_len, oracle=oracle, device=device, samples=samples,
+                       sequential=sequential, heuristic=heuristic, first_draft_len=first_draft_len, oracle=oracle, device=device, samples=samples,
                        bootstrap=bootstrap, confidence=confidence, seed=seed, vectorised=vectorised,
                        progress=progress)
 
 
-def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequential, first_draft_len, oracle, device,
-            samples,
+def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequential, heuristic, first_draft_len,
+            oracle, device, samples,
             bootstrap, confidence, seed, vectorised, progress) -> ReplayResult:
     started = time.perf_counter()
     latency = latency or table.latency
@@ -642,6 +654,12 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequen
     for n, totals in zip(plain_lens, _split_lanes(plain, len(plain_lens))):
         runs.append(_Run("target" if n == 0 else f"plain:draft_len={n}", "target" if n == 0 else "plain", totals,
                          draft_len=n))
+    if heuristic is not None:
+        first, maximum = (int(v) for v in heuristic)
+        if not 1 <= first <= maximum:
+            raise ReplayError(f"the +2/-1 schedule needs 1 <= first <= max draft_len, got {first} and {maximum}")
+        totals = simulate(batch, latency, 1, draft_lens=[first], heuristic_max=[maximum])
+        runs.append(_Run(f"plus2-minus1-rule:first={first},max={maximum}", "heuristic", totals, draft_len=first))
 
     # 2. Predictors (single branch and exhaustive), grouped so that one stepper steps each group.
     job_totals: dict[int, LaneTotals] = {}

@@ -543,3 +543,16 @@ def test_predraft_only_timings_rejected():
     with pytest.raises(LatencyModelError, match="without a pre-draft"):
         LatencyModel.fit(draft_len, 9.0 * draft_len, np.full(rounds, 40.0), predraft_ms=np.full(rounds, 36.0),
                          round_ms=np.full(rounds, 90.0), predraft_len=np.full(rounds, 4))
+
+
+def test_plus2_minus1_rule_hand_computed():
+    # Runs of matches: 3 from position 0, 6 from position 4. The schedule starts at 2, grows by 2
+    # after an all-accepted round and shrinks by 1 otherwise, within 1..5: rounds at positions
+    # 0, 3, 4, 8, 11, 12 draft 2, 4, 3, 4 (capped by the request), 1 and 0 and cost 94 ms.
+    table = table_from_outcomes([[1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 0, 1]], latency=SIMPLE)
+    result = replay(table, draft_lens=[2], heuristic=(2, 5), oracle=False, bootstrap=5, device="cpu")
+    rule = result.policy("plus2-minus1-rule:first=2,max=5")
+    assert rule.kind == "heuristic"
+    assert rule.rounds == 6
+    assert rule.time_s * 1000 == pytest.approx(15 + 19 + 17 + 19 + 13 + 11)
+    assert rule.predrafts == 0

@@ -353,8 +353,10 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
               "confidence": confidence}
     branch_policy = next(policy for policy in policies if policy.kind == "branch")
     branch_predrafts = branch_policy.settings["branch"]["predraft"]
+    rule = next((policy.settings["rule"] for policy in policies if policy.kind == "plus2-minus1"), None)
     branch = replay(table, [predictor_factory()], first_draft_len=exported.first_draft_len,
-                    sequential=not branch_predrafts, **common)
+                    sequential=not branch_predrafts,
+                    heuristic=(rule["first_draft_len"], rule["max_draft_len"]) if rule else None, **common)
     # The exhaustive policy always pre-drafts, so its predictor chooses lengths for that mode.
     wide = (replay(table, [for_mode(predictor_factory(), True)], first_draft_len=exported.first_draft_len,
                    exhaustive_widths=[exhaustive], oracle=False, **common) if exhaustive is not None else None)
@@ -369,8 +371,10 @@ def simulate(pair, prompts, runs: list[Run], policies: list[BenchPolicy], export
             source = next(p for p in wide.policies if p.kind == "exhaustive")
         elif policy.kind == "pearl":
             source = next(p for p in pearl.policies if p.kind == "predicted")
+        elif policy.kind == "plus2-minus1":
+            source = next(p for p in branch.policies if p.kind == "heuristic")
         else:
-            continue  # the simulator has no policy that sets draft_len after the verdict without pre-drafting
+            continue
         predicted[policy.name] = {"replayed_as": source.name, "tokens_per_s": source.tokens_per_s.value,
                                   "vs_target": asdict(source.speedup_vs_target),
                                   "hit_rate": source.hit_rate.value if source.hit_rate else None}
