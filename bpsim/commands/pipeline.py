@@ -90,19 +90,11 @@ def _incomplete_trace(path: Path) -> bool:
 
 
 def _free_path(path: Path) -> Path:
-    """Return ``path``, or ``path`` with a number before its suffixes when it exists."""
+    """Return ``path``, or ``path`` with a number before its ``.parquet`` suffix (if any) when it exists."""
+    stem, suffix = (path.name.removesuffix(".parquet"), ".parquet") if path.name.endswith(".parquet") else (path.name, "")
     candidate, number = path, 1
     while candidate.exists():
-        candidate = path.with_name(f"{path.name.removesuffix('.parquet')}-{number}.parquet")
-        number += 1
-    return candidate
-
-
-def _free_dir(path: Path) -> Path:
-    """Return ``path``, or ``path`` with a number appended when it exists."""
-    candidate, number = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.name}-{number}")
+        candidate = path.with_name(f"{stem}-{number}{suffix}")
         number += 1
     return candidate
 
@@ -173,7 +165,7 @@ def run(args) -> int:
         bench_dir = out / "bench"
         if bench_dir.exists() and not (bench_dir / "bench.json").exists():
             # An interrupted bench left traces but no results; keep them aside and bench again.
-            kept = _free_dir(out / "bench.interrupted")
+            kept = _free_path(out / "bench.interrupted")
             bench_dir.rename(kept)
             logger.warning("stage bench: %s was left by an interrupted bench; kept it as %s", bench_dir, kept)
         _stage("bench", out / "bench" / "bench.json",
