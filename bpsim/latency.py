@@ -222,9 +222,10 @@ class LatencyModel:
         if predrafted.any() and (~predrafted).sum() < MIN_ROUNDS_WITHOUT_PREDRAFT:
             raise LatencyModelError(
                 f"only {(~predrafted).sum()} of {len(predrafted)} rounds ran without a pre-draft beside them, and "
-                "verification slowed down by a pre-draft cannot time the target; add a trace recorded without "
-                f"pre-drafting ({MIN_ROUNDS_WITHOUT_PREDRAFT} rounds or more, e.g. bpsim record --draft-len 4 and "
-                "--target-only)")
+                "verification slowed down by a pre-draft cannot time the target. Give bpsim fit or replay a trace "
+                f"recorded without pre-drafting as well ({MIN_ROUNDS_WITHOUT_PREDRAFT} rounds or more, from bpsim "
+                "record --draft-len 4 and a target-only one from bpsim record --target-only), and the pre-drafting "
+                "trace through --latency-traces; or pass a fitted model with replay --latency FILE")
         quiet = ~predrafted
         tokens = draft_len + 1
         columns = [np.ones_like(tokens)]

@@ -275,3 +275,10 @@ def test_decode_rejects_backend_without_predraft(tmp_path, capsys):
     write_exported(config, StaticPredictor("all", draft_len=3))
     assert cli.main(["decode", "--config", str(config), "--prompt", "hi", "--predraft", "off", "--width", "2"]) == 2
     assert "does not pre-draft" in capsys.readouterr().err
+
+
+def test_bench_rejects_one_branch_exhaustive(tmp_path, capsys):
+    config = tmp_path / "predictor.json"
+    write_exported(config, StaticPredictor("all", draft_len=3))
+    assert cli.main(["bench", "--config", str(config), "--suite", "mt-bench", "--exhaustive", "1"]) == 2
+    assert "branch count >= 2" in capsys.readouterr().err

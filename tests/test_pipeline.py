@@ -80,3 +80,14 @@ def test_prompt_counts_checked_before_stages(tmp_path):
         pipeline.check_prompt_counts(args)
     pipeline.check_prompt_counts(SimpleNamespace(suite=str(suite), limit=3, bench_limit=2, skip_bench=True))
     pipeline.check_prompt_counts(SimpleNamespace(suite=str(suite), limit=2, bench_limit=2, skip_bench=False))
+
+
+def test_interrupted_bench_names_kept_traces(tmp_path, monkeypatch):
+    def interrupted(argv):
+        (tmp_path / "bench" / "traces").mkdir(parents=True)
+        (tmp_path / "bench" / "traces" / "target.parquet").write_bytes(b"")
+        return 130
+
+    monkeypatch.setattr("bpsim.cli.main", interrupted)
+    with pytest.raises(pipeline.PipelineError, match="kept in .*bench/traces"):
+        pipeline._stage("bench", tmp_path / "bench" / "bench.json", ["bench"], {}, partial=tmp_path / "bench" / "traces")

@@ -578,8 +578,9 @@ def run(args) -> int:
         raise BpsimError(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 0:
         raise BpsimError(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.exhaustive is not None and args.exhaustive < 0:
-        raise BpsimError(f"--exhaustive takes a branch count >= 1, or 0 for all, got {args.exhaustive}")
+    if args.exhaustive is not None and (args.exhaustive < 0 or args.exhaustive == 1):
+        raise BpsimError(f"--exhaustive takes a branch count >= 2, or 0 for all, got {args.exhaustive} "
+                         "(one branch point is the branch-predicted policy itself)")
     if not 0 < args.confidence < 1:
         raise BpsimError(f"--confidence must lie in (0, 1), got {args.confidence}")
     if args.bootstrap < 1:
@@ -644,7 +645,8 @@ def run(args) -> int:
         "exported_expected": exported.expected, "thread_probe": probe, "lossless": lossless_check(runs),
     }
     try:
-        report["simulation"] = simulate(pair, prompts, runs, policies, exported, lambda: load_predictor(exported),
+        report["simulation"] = simulate(pair, prompts, runs, policies, exported,
+                                        lambda: load_predictor(exported, branch.predraft),
                                         sampling=sampling, exhaustive=args.exhaustive, bootstrap=args.bootstrap,
                                         confidence=args.confidence)
     except BpsimError as error:

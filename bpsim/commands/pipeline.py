@@ -43,10 +43,11 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _stage(name: str, output: Path, argv: list[str], timings: dict) -> None:
+def _stage(name: str, output: Path, argv: list[str], timings: dict, partial: Path | None = None) -> None:
     """Run one stage command unless ``output`` exists; raise if it fails.
 
     A trace left incomplete by an interrupted run is moved aside (never deleted) and recorded again.
+    ``partial`` is where the stage keeps what it finished before ``output`` is written, if elsewhere.
     """
     from bpsim.cli import main
 
@@ -63,8 +64,12 @@ def _stage(name: str, output: Path, argv: list[str], timings: dict) -> None:
     started = time.perf_counter()
     code = main(argv)
     if code == 130:
-        kept = (f"what it finished is kept in {output}, marked incomplete" if output.exists()
-                else "it finished nothing that could be kept")
+        if output.exists():
+            kept = f"what it finished is kept in {output}, marked incomplete"
+        elif partial is not None and partial.exists() and any(partial.iterdir()):
+            kept = f"what it finished is kept in {partial}"
+        else:
+            kept = "it finished nothing that could be kept"
         raise PipelineError(f"interrupted in stage {name}; {kept}. Rerun the pipeline with the same --out to "
                             "resume: finished stages are skipped, and an incomplete trace is kept aside and "
                             "recorded again")
@@ -170,7 +175,8 @@ def run(args) -> int:
             logger.warning("stage bench: %s was left by an interrupted bench; kept it as %s", bench_dir, kept)
         _stage("bench", out / "bench" / "bench.json",
                ["bench", "--config", str(predictor), "--suite", args.suite, "--skip", str(args.limit), "--limit",
-                str(args.bench_limit), *models, *common, "--out", str(out / "bench")], timings)
+                str(args.bench_limit), *models, *common, "--out", str(out / "bench")], timings,
+               partial=out / "bench" / "traces")
     write_text(out / "report.md", _report(out, args, timings))
     print(f"pipeline finished: {out / 'report.md'}")
     return 0
