@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from scipy import optimize, stats
 
 from bpsim.errors import BpsimError
+from bpsim.jsonsafe import json_safe
 from bpsim.latency import LatencyModel
 from bpsim.predictors.base import BatchFeatures
 from bpsim.predictors.distribution import (BetaBinomialPredictor, BetaGeometricPredictor, BinomialPredictor,
@@ -360,25 +361,13 @@ class FitResults:
 
     def summary(self) -> dict:
         """JSON-safe statistics (infinities and NaN as None)."""
-        return _json_numbers({
+        return json_safe({
             "family": self.family, "params": self.fitted_params, "k_params": self.k_params, "nobs": self.nobs,
             "loglike": self.loglike, "aic": self.aic, "bic": self.bic, "chi2": self.chi2,
             "chi2_df": self.chi2_df, "chi2_pvalue": self.chi2_pvalue, "converged": self.converged,
             "chi2_by_draft_len": {str(n): {"statistic": t.statistic, "df": t.df, "pvalue": t.pvalue, "bins": t.bins}
                                   for n, t in sorted(self.chi2_by_draft_len.items())},
         })
-
-
-def _json_numbers(value):
-    if isinstance(value, dict):
-        return {key: _json_numbers(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_numbers(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def round_pmfs(predictor: DistributionPredictor, rounds: Rounds) -> np.ndarray:

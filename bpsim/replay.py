@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from bpsim.errors import BpsimError
+from bpsim.jsonsafe import json_safe
 from bpsim.latency import LatencyModel
 from bpsim.predictors.base import Predictor
 from bpsim.replay_data import AcceptanceTable, ReplayBatch, realize
@@ -445,7 +446,7 @@ class ReplayResult:
 
     def to_dict(self) -> dict:
         """Return a JSON-safe dict; undefined statistics (NaN) become None."""
-        return _json_safe({
+        return json_safe({
             "mode": "exact" if self.exact else "approximate", "approximation": self.approximation,
             "warnings": self.warnings, "requests": self.requests, "samples": self.samples, "tokens": self.tokens,
             "best_plain_draft_len": self.best_plain_draft_len, "device": self.device, "seconds": self.seconds,
@@ -486,18 +487,6 @@ class ReplayResult:
                          f"{p.speedup_vs_best_plain.format()} | {p.hit_rate.format() if p.hit_rate else '-'} | "
                          f"{p.branch_accuracy.format() if p.branch_accuracy else '-'} | {p.wasted_per_token:.2f} |")
         return "\n".join(lines) + "\n"
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 @dataclass

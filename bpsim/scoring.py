@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bpsim.fitting import Rounds, _json_numbers
+from bpsim.fitting import Rounds
+from bpsim.jsonsafe import json_safe
 from bpsim.latency import LatencyModel
 from bpsim.predictors.base import Predictor
 from bpsim.predictors.history import request_starts
@@ -119,7 +120,7 @@ class PredictorScore:
     per_request: np.ndarray | None = None  # (requests, 7) sums behind the metrics, for strata and bootstrap
 
     def summary(self) -> dict:
-        return _json_numbers({"name": self.name, "config": self.config, "hit_rate": self.hit_rate, "mae": self.mae,
+        return json_safe({"name": self.name, "config": self.config, "hit_rate": self.hit_rate, "mae": self.mae,
                               "speed": self.speed, "speed_recorded_len": self.speed_recorded_len,
                               "mean_next_draft_len": self.mean_next_draft_len,
                               "intervals": {key: list(value) for key, value in self.intervals.items()}})
@@ -212,7 +213,7 @@ class Evaluation:
         return self.scores[0]
 
     def summary(self) -> dict:
-        return _json_numbers({
+        return json_safe({
             "label": self.label, "held_out": self.held_out, "train_rounds": self.train_rounds,
             "test_rounds": self.test_rounds, "test_requests": self.test_requests,
             "latency": self.settings.latency.to_dict(), "bonus_guess_rate": self.settings.bonus_guess_rate,

@@ -40,6 +40,7 @@ from bpsim.commands.decode import (RequestSummary, add_model_arguments, branch_c
                                    check_suite, load_models, load_predictor, load_prompts, run_metadata,
                                    sampling_config)
 from bpsim.errors import BpsimError
+from bpsim.jsonsafe import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -538,19 +539,6 @@ def thread_probe(pair, ids: list[int], draft_len: int, threads_per_model: int | 
 def trace_name(policy: str) -> str:
     """Return the trace file name of a policy, with every character but letters, digits, '.', '_' and '-' as '_'."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", policy) + ".parquet"
-
-
-def json_safe(value):
-    """Replace NaN and infinite floats with None, recursively, so the report is strict JSON."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _open_writers(folder: Path, policies: list[BenchPolicy], metadata: dict, overwrite: bool) -> dict:
