@@ -30,7 +30,6 @@ field and the fix when one is missing, of the wrong type, or of an unknown versi
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -278,10 +277,10 @@ def held_out_table(summary: dict):
         raise ExportError(f"trace {missing[0]} named in summary.json not found; run bpsim export from the folder "
                           "bpsim fit ran in, or fit again")
     # The fit kept its latency model, so its latency traces are only read for a summary without it.
-    kept = "latency" in summary
-    rounds, _, latency = load_traces(paths, pool=bool(summary.get("pooled")),
-                                     latency_paths=[] if kept else [Path(p) for p in summary.get("latency_traces", [])])
-    if kept:
+    has_latency = "latency" in summary
+    latency_paths = [] if has_latency else [Path(p) for p in summary.get("latency_traces", [])]
+    rounds, _, latency = load_traces(paths, pool=bool(summary.get("pooled")), latency_paths=latency_paths)
+    if has_latency:
         latency = LatencyModel.from_dict(summary["latency"])
     rounds = drop_target_only(rounds)
     _, test, held_out = split_by_request(rounds, float(summary["test_fraction"]), int(summary["seed"]))
@@ -327,18 +326,19 @@ def heldout_replay(fit_dir: Path, summary: dict, device: str = "auto", bootstrap
 
 
 def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Return the file's sha256, or None when it does not exist."""
+    from bpsim.models import file_sha256
+
+    return file_sha256(path) if path.is_file() else None
 
 
-def check_traces_unchanged(summary: dict, fit_dir: Path) -> None:
-    """Reject an export whose traces differ from those ``bpsim fit`` hashed (summaries without hashes pass)."""
-    for path, digest in (summary.get("trace_sha256") or {}).items():
+def check_traces_unchanged(summary: dict, fit_dir: Path) -> dict[str, str]:
+    """Reject an export whose traces differ from those ``bpsim fit`` hashed; return their sha256 by path.
+
+    A summary written before fit recorded hashes passes and returns an empty dict.
+    """
+    hashed = summary.get("trace_sha256") or {}
+    for path, digest in hashed.items():
         current = _sha256(Path(path))
         if current is None:
             raise ExportError(f"trace {path} that bpsim fit read for {fit_dir} is not found; run bpsim export from the "
@@ -346,9 +346,11 @@ def check_traces_unchanged(summary: dict, fit_dir: Path) -> None:
         if current != digest:
             raise ExportError(f"trace {path} changed since bpsim fit read it for {fit_dir} (sha256 {digest[:12]}... "
                               f"then, {current[:12]}... now); fit again")
+    return hashed
 
 
-def _trace_provenance(paths: list[Path]) -> tuple[list[dict], list[dict], list[dict]]:
+def _trace_provenance(paths: list[Path], hashed: dict[str, str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Describe the fitted traces, their models and sampling; ``hashed`` gives sha256 values already known."""
     from bpsim.traces import read_trace, trace_metadata
 
     traces, models, sampling = [], [], []
@@ -356,7 +358,7 @@ def _trace_provenance(paths: list[Path]) -> tuple[list[dict], list[dict], list[d
         table = read_trace(path)
         metadata = trace_metadata(table)
         requests = len(np.unique(table.column("request_id").to_numpy()))
-        traces.append({"path": str(path), "sha256": _sha256(path), "requests": requests})
+        traces.append({"path": str(path), "sha256": hashed.get(str(path)) or _sha256(path), "requests": requests})
         model = {"target": metadata.get("target"), "draft": metadata.get("draft")}
         if model not in models:
             models.append(model)
@@ -379,7 +381,7 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
 
     fit_dir, out = Path(fit_dir), Path(out)
     summary = read_summary(fit_dir)
-    check_traces_unchanged(summary, fit_dir)
+    hashed = check_traces_unchanged(summary, fit_dir)
     data = heldout_replay(fit_dir, summary, device=device, bootstrap=bootstrap, seed=seed, recompute=recompute,
                           threads=threads)
     predicted = [policy for policy in data["policies"] if policy["kind"] in ("predicted", "sequential")]
@@ -393,8 +395,8 @@ def export_winner(fit_dir: Path | str, out: Path | str, device: str = "auto", bo
         logger.warning("the best predictor (%s) is slower on the held-out requests than %s; exporting it anyway",
                        winner["name"], best_plain["name"])
     predictor = predictor_from_config(winner["config"])
-    traces, models, sampling = _trace_provenance([Path(p) for p in summary["traces"]])
-    timing = [{"path": str(path), "sha256": _sha256(Path(path)), "requests": None}
+    traces, models, sampling = _trace_provenance([Path(p) for p in summary["traces"]], hashed)
+    timing = [{"path": str(path), "sha256": hashed.get(str(path)) or _sha256(Path(path)), "requests": None}
               for path in summary.get("latency_traces", [])]
     expected = {"mode": data["mode"], "approximation": data["approximation"] or "",
                 "held_out": bool(data["held_out"]), "held_out_requests": int(data["requests"]),
