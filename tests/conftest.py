@@ -29,3 +29,12 @@ def real_pair() -> ModelPair:
     draft = LoadedModel("untrained-draft4", draft_model, "untrained", len(UNTRAINED_DRAFT_LAYERS),
                         draft_model.config.vocab_size)
     return ModelPair(target, draft, tokenizer, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts(real_pair) -> list[list[int]]:
+    """The first two MT-Bench prompts, encoded for the built-in target."""
+    from bpsim.prompts import encode_prompt, load_suite
+
+    suite = load_suite("mt-bench", limit=2)
+    return [encode_prompt(real_pair.tokenizer, prompt) for prompt in suite.prompts]

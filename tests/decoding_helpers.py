@@ -125,3 +125,11 @@ def rounds_table(rounds) -> pa.Table:
     rows = [{"run_id": "test", "request_id": 0, "prompt_id": "p", **asdict(record)} for record in rounds]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     return table.replace_schema_metadata({b"bpsim": b'{"schema_version": 1}'})
+
+
+def greedy_references_for(pair, prompts: list[list[int]], max_new_tokens: int) -> list:
+    """Return ``reference_greedy`` of the pair's target on each prompt, stopping at its EOS ids."""
+    from bpsim.decoding import eos_token_ids
+
+    eos = eos_token_ids(pair.tokenizer, pair.target.model)
+    return [reference_greedy(pair.target.model, ids, max_new_tokens, eos) for ids in prompts]

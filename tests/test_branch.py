@@ -13,11 +13,10 @@ from bpsim.predictors.base import Prediction, RoundFeatures
 from bpsim.predictors.history import LastValuePredictor, OneBitPredictor
 from bpsim.predictors.static import StaticPredictor
 from bpsim.predraft import branch_points, common_prefix
-from bpsim.prompts import encode_prompt, load_suite
 from bpsim.sampling import SamplingConfig
 from bpsim.traces import TraceWriter, read_trace, validate_trace
 from decoding_helpers import (SIGNIFICANCE, CountingModel, ForcedToken, NoisyLogits, check_greedy_match,
-                              perturbed, reference_greedy, rounds_table, toy_llama)
+                              greedy_references_for, perturbed, reference_greedy, rounds_table, toy_llama)
 
 NEW_TOKENS = 24
 
@@ -27,15 +26,8 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def mt_bench_prompts(real_pair):
-    suite = load_suite("mt-bench", limit=2)
-    return [encode_prompt(real_pair.tokenizer, prompt) for prompt in suite.prompts]
-
-
-@pytest.fixture(scope="module")
 def greedy_references(real_pair, mt_bench_prompts):
-    eos = eos_token_ids(real_pair.tokenizer, real_pair.target.model)
-    return [reference_greedy(real_pair.target.model, ids, NEW_TOKENS, eos) for ids in mt_bench_prompts]
+    return greedy_references_for(real_pair, mt_bench_prompts, NEW_TOKENS)
 
 
 def greedy_runs(real_pair, prompts, draft, predictor, width=1, backend="thread"):

@@ -8,11 +8,10 @@ import torch
 from bpsim.acceptance import logits_to_probs
 from bpsim.decoding import DecodeConfig, DecodingError, SpeculativeDecoder, eos_token_ids, single_request
 from bpsim.predictors.base import Prediction, RoundFeatures
-from bpsim.prompts import encode_prompt, load_suite
 from bpsim.sampling import SamplingConfig
 from bpsim.traces import validate_trace
 from decoding_helpers import (SIGNIFICANCE, CountingModel, ForcedToken, NoisyLogits, check_greedy_match,
-                              reference_greedy, rounds_table, toy_llama)
+                              greedy_references_for, reference_greedy, rounds_table, toy_llama)
 
 MAX_NEW_TOKENS = 32  # per MT-Bench prompt in the greedy comparisons
 
@@ -31,15 +30,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def mt_bench_prompts(real_pair):
-    suite = load_suite("mt-bench", limit=2)
-    return [encode_prompt(real_pair.tokenizer, prompt) for prompt in suite.prompts]
-
-
-@pytest.fixture(scope="module")
 def greedy_references(real_pair, mt_bench_prompts):
-    eos = eos_token_ids(real_pair.tokenizer, real_pair.target.model)
-    return [reference_greedy(real_pair.target.model, ids, MAX_NEW_TOKENS, eos) for ids in mt_bench_prompts]
+    return greedy_references_for(real_pair, mt_bench_prompts, MAX_NEW_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------
