@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from bpsim.commands.decode import (RequestSummary, add_model_arguments, branch_config, check_max_new_tokens,
-                                   check_suite, load_models, load_predictor, load_prompts, run_metadata,
-                                   sampling_config)
+                                   load_models, load_predictor, load_prompts, run_metadata, sampling_config,
+                                   select_suite)
 from bpsim.errors import BpsimError
 from bpsim.jsonsafe import json_safe
 
@@ -576,7 +576,7 @@ def run(args) -> int:
     exported = load_exported(args.config)
     sampling = sampling_config(args)
     branch = branch_config(args, exported)
-    check_suite(args)
+    selected = select_suite(args)
     plain_len, plain_source = plain_draft_len_of(args, exported)
     heuristic_max = args.heuristic_max_draft_len or max(exported.max_draft_len, plain_len)
     if heuristic_max < plain_len:
@@ -587,7 +587,7 @@ def run(args) -> int:
                          "another --out")
 
     pair = load_models(args, exported)
-    prompts, suite = load_prompts(args, pair.tokenizer)
+    prompts, suite = load_prompts(args, pair.tokenizer, selected)
     policies = build_policies(pair, exported, lambda: load_predictor(exported, branch.predraft),
                               plain_draft_len=plain_len,
                               heuristic_max_draft_len=heuristic_max, max_new_tokens=args.max_new_tokens,

@@ -157,9 +157,12 @@ def run_metadata(pair, sampling, command: str) -> dict:
                                                     f"{torch.get_num_threads()} torch threads"}
 
 
-def load_prompts(args, tokenizer) -> tuple[list, dict | None]:
-    """Return ``(prompts, suite metadata)``; each prompt is ``(prompt_id, token ids)``."""
-    from bpsim.prompts import Prompt, encode_prompt, load_suite
+def load_prompts(args, tokenizer, suite=None) -> tuple[list, dict | None]:
+    """Return ``(prompts, suite metadata)``; each prompt is ``(prompt_id, token ids)``.
+
+    ``suite`` is the suite ``select_suite`` already loaded, if any.
+    """
+    from bpsim.prompts import Prompt, encode_prompt
 
     if getattr(args, "prompt", None) is not None:
         if not args.prompt.strip():
@@ -167,17 +170,22 @@ def load_prompts(args, tokenizer) -> tuple[list, dict | None]:
         prompt = Prompt("prompt/0", args.prompt, chat=not getattr(args, "no_chat", False))
         return [(prompt.prompt_id, encode_prompt(tokenizer, prompt))], None
     skip = getattr(args, "skip", 0)
-    suite = load_suite(args.suite, args.limit, skip)
+    if suite is None:
+        suite = select_suite(args)
     return ([(prompt.prompt_id, encode_prompt(tokenizer, prompt)) for prompt in suite.prompts],
             {"name": suite.name, "path": args.suite, "source": suite.source, "prompts": len(suite), "skipped": skip})
 
 
-def check_suite(args) -> None:
-    """Check the suite, --limit and --skip before any model loads."""
+def select_suite(args):
+    """Load the prompts that --suite, --skip and --limit select, or return None for --prompt.
+
+    Called before the models load, so a bad suite or count fails in a moment.
+    """
     from bpsim.prompts import load_suite
 
-    if getattr(args, "suite", None) is not None:
-        load_suite(args.suite, args.limit, getattr(args, "skip", 0))  # raises PromptSuiteError, a BpsimError
+    if getattr(args, "suite", None) is None:
+        return None
+    return load_suite(args.suite, args.limit, getattr(args, "skip", 0))
 
 
 def load_predictor(exported, predraft: bool | None = None):
@@ -290,11 +298,11 @@ def run(args) -> int:
     if not branch.predraft and (args.backend != "auto" or args.width != 1):
         raise BpsimError("--backend and --width set how the decoder pre-drafts, but it does not pre-draft "
                          "(--predraft off, or the exported config chose not to); drop them or pass --predraft on")
-    check_suite(args)
+    selected = select_suite(args)
     if args.out is not None and args.out.exists() and not args.force:
         raise BpsimError(f"{args.out} already exists; pass --force to overwrite it or choose another --out")
     pair = load_models(args, exported)
-    prompts, suite = load_prompts(args, pair.tokenizer)
+    prompts, suite = load_prompts(args, pair.tokenizer, selected)
     predictor = load_predictor(exported, branch.predraft)
     config = DecodeConfig(draft_len=exported.first_draft_len, max_new_tokens=args.max_new_tokens, sampling=sampling)
 
