@@ -630,7 +630,7 @@ def _replay(table, predictors, *, latency, draft_lens, exhaustive_widths, sequen
     jobs = [(predictor, 1, True) for predictor in predictors]
     jobs += [(predictor, int(width), True) for width in exhaustive_widths for predictor in predictors]
     if sequential:
-        jobs += [(without_predraft(predictor), 1, False) for predictor in predictors]
+        jobs += [(for_mode(predictor, False), 1, False) for predictor in predictors]
     groups: dict[tuple, list[int]] = {}
     for index, (predictor, _, _) in enumerate(jobs):
         groups.setdefault(stepper_group_key(predictor), []).append(index)
@@ -719,10 +719,6 @@ def for_mode(predictor: Predictor, predraft: bool) -> Predictor:
     params = {key: value for key, value in config["params"].items() if key != "predraft"}
     return predictor_from_config({**config, "params": {**params, **({} if predraft else {"predraft": False})}})
 
-
-def without_predraft(predictor: Predictor) -> Predictor:
-    """Return the predictor as it chooses draft lengths for a decoder that does not pre-draft."""
-    return for_mode(predictor, False)
 
 
 def first_draft_len_summary(predictor: Predictor, table: AcceptanceTable) -> int:

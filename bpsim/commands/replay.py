@@ -103,8 +103,12 @@ def parse_predictor_spec(spec: str) -> list[dict]:
             for combination in itertools.product(*choices)]
 
 
-def read_configs(path: Path) -> list[dict]:
-    """Read predictor configs from an exported predictor file or a to_config() object or list."""
+def read_configs(path: Path) -> tuple[list[dict], bool]:
+    """Read predictor configs from an exported predictor file or a to_config() object or list.
+
+    Return the configs and whether they are decoded pre-drafting: False only for an exported file
+    that says not to pre-draft.
+    """
     from bpsim.export import EXPORT_FORMAT, load_exported
 
     try:
@@ -117,14 +121,13 @@ def read_configs(path: Path) -> list[dict]:
         exported = load_exported(path)
         if not exported.predraft:
             logger.info("%s decodes without pre-drafting; its sequential: row is the one that applies", path)
-            return [{**exported.predictor_config, "_sequential": True}]
-        return [exported.predictor_config]
+        return [exported.predictor_config], exported.predraft
     configs = data if isinstance(data, list) else [data]
     for index, config in enumerate(configs):
         if not isinstance(config, dict):
             raise BpsimError(f"--config file {path}: entry {index} is not a JSON object; expected "
                              '{"version": ..., "family": ..., "params": {...}}')
-    return configs
+    return configs, True
 
 
 def build_predictors(configs: list[dict], latency) -> list:
@@ -175,10 +178,12 @@ def run(args) -> int:
         latency = latency.with_assumptions(**assumptions)
 
     configs = [config for spec in args.predictor for config in parse_predictor_spec(spec)]
-    configs += [config for path in args.config for config in read_configs(path)]
-    # A predictor exported for decoding without pre-drafting is replayed in that mode too.
-    marks = [config.pop("_sequential", False) for config in configs]
-    sequential = args.sequential or any(marks)
+    sequential = args.sequential
+    for path in args.config:
+        read, predrafts = read_configs(path)
+        configs += read
+        # A predictor exported for decoding without pre-drafting is replayed in that mode too.
+        sequential = sequential or not predrafts
     if not configs:
         configs = [config for family in DEFAULT_FAMILIES for config in parse_predictor_spec(family)]
     predictors = build_predictors(configs, latency)
