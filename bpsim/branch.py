@@ -180,12 +180,6 @@ class BranchPredictedDecoder(SpeculativeDecoder):
         if self.backend is not None:
             self.backend.close()
 
-    def __enter__(self) -> "BranchPredictedDecoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     @torch.inference_mode()
     def generate(self, input_ids, generator: torch.Generator | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None) -> Generation:

@@ -252,6 +252,15 @@ class SpeculativeDecoder:
         return cls(pair.target.model, draft, config, eos_token_ids=eos_token_ids(pair.tokenizer, pair.target.model),
                    vocab_size=pair.vocab_size, predictor=predictor)
 
+    def close(self) -> None:
+        """Release what the decoder holds beside the models; a plain decoder holds nothing."""
+
+    def __enter__(self) -> "SpeculativeDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @torch.inference_mode()
     def generate(self, input_ids, generator: torch.Generator | None = None) -> Generation:
         """Decode one request; ``generator`` drives sampling (default: seeded from the sampling seed)."""

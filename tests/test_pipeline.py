@@ -89,5 +89,14 @@ def test_interrupted_bench_names_kept_traces(tmp_path, monkeypatch):
         return 130
 
     monkeypatch.setattr("bpsim.cli.main", interrupted)
-    with pytest.raises(pipeline.PipelineError, match="kept in .*bench/traces"):
-        pipeline._stage("bench", tmp_path / "bench" / "bench.json", ["bench"], {}, partial=tmp_path / "bench" / "traces")
+    with pytest.raises(pipeline.PipelineError, match=r"kept in \S*/bench\."):
+        pipeline._stage("bench", tmp_path / "bench" / "bench.json", ["bench"], {}, partial=tmp_path / "bench")
+
+
+def test_stage_keeps_partial_folder_aside(tmp_path, monkeypatch):
+    (tmp_path / "bench" / "traces").mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr("bpsim.cli.main", lambda argv: calls.append(argv) or 0)
+    pipeline._stage("bench", tmp_path / "bench" / "bench.json", ["bench"], {}, partial=tmp_path / "bench")
+    assert calls == [["bench"]]
+    assert (tmp_path / "bench.interrupted" / "traces").is_dir()

@@ -100,9 +100,7 @@ class BenchPolicy:
         return self.kind in ("pearl", "exhaustive")
 
     def close(self) -> None:
-        close = getattr(self.decoder, "close", None)
-        if close is not None:
-            close()
+        self.decoder.close()
 
 
 def build_policies(pair, exported, predictor_factory: Callable[[], object], *, plain_draft_len: int,

@@ -46,16 +46,16 @@ def add_parser(subparsers) -> None:
 def _stage(name: str, output: Path, argv: list[str], timings: dict, partial: Path | None = None) -> None:
     """Run one stage command unless ``output`` exists; raise if it fails.
 
-    A trace left incomplete by an interrupted run is moved aside (never deleted) and recorded again.
-    ``partial`` is where the stage keeps what it finished before ``output`` is written, if elsewhere.
+    ``partial`` is the folder a stage fills before it writes ``output``. What an interrupted run
+    left, a trace marked incomplete or a ``partial`` folder without ``output``, is moved aside
+    (never deleted) and the stage runs again.
     """
     from bpsim.cli import main
 
     if output.exists() and _incomplete_trace(output):
-        kept = _free_path(output.with_name(output.name.removesuffix(".parquet") + ".interrupted.parquet"))
-        output.rename(kept)
-        logger.warning("stage %s: %s was left incomplete by an interrupted run; kept it as %s and recording again",
-                       name, output, kept)
+        _move_aside(name, output, output.with_name(output.name.removesuffix(".parquet") + ".interrupted.parquet"))
+    elif not output.exists() and partial is not None and partial.exists():
+        _move_aside(name, partial, partial.with_name(partial.name + ".interrupted"))
     if output.exists():
         logger.info("stage %s: %s exists, skipped", name, output)
         timings[name] = "skipped (output existed)"
@@ -65,18 +65,26 @@ def _stage(name: str, output: Path, argv: list[str], timings: dict, partial: Pat
     code = main(argv)
     if code == 130:
         if output.exists():
-            kept = f"what it finished is kept in {output}, marked incomplete"
+            remains = f"what it finished is kept in {output}, marked incomplete"
         elif partial is not None and partial.exists() and any(partial.iterdir()):
-            kept = f"what it finished is kept in {partial}"
+            remains = f"what it finished is kept in {partial}"
         else:
-            kept = "it finished nothing that could be kept"
-        raise PipelineError(f"interrupted in stage {name}; {kept}. Rerun the pipeline with the same --out to "
-                            "resume: finished stages are skipped, and an incomplete trace is kept aside and "
-                            "recorded again")
+            remains = "it finished nothing that could be kept"
+        raise PipelineError(f"interrupted in stage {name}; {remains}. Rerun the pipeline with the same --out to "
+                            "resume: finished stages are skipped, and what an interrupted stage left is kept "
+                            "aside while the stage runs again")
     if code != 0:
         raise PipelineError(f"stage {name} failed with exit code {code} (command: bpsim {' '.join(argv)}); "
                             f"fix the error above and rerun the pipeline with the same --out to resume")
     timings[name] = f"{time.perf_counter() - started:.1f} s"
+
+
+def _move_aside(stage: str, path: Path, aside: Path) -> None:
+    """Rename what an interrupted run of ``stage`` left at ``path`` to a free name based on ``aside``."""
+    aside = _free_path(aside)
+    path.rename(aside)
+    logger.warning("stage %s: %s was left by an interrupted run; kept it as %s and running the stage again",
+                   stage, path, aside)
 
 
 def _incomplete_trace(path: Path) -> bool:
@@ -167,16 +175,10 @@ def run(args) -> int:
     _stage("export", predictor, ["export", str(out / "fit"), "--out", str(predictor), "--seed", str(args.seed)], timings)
     # 6. Bench: every policy live on the same prompts, interleaved, on prompts the fit did not see.
     if not args.skip_bench:
-        bench_dir = out / "bench"
-        if bench_dir.exists() and not (bench_dir / "bench.json").exists():
-            # An interrupted bench left traces but no results; keep them aside and bench again.
-            kept = _free_path(out / "bench.interrupted")
-            bench_dir.rename(kept)
-            logger.warning("stage bench: %s was left by an interrupted bench; kept it as %s", bench_dir, kept)
         _stage("bench", out / "bench" / "bench.json",
                ["bench", "--config", str(predictor), "--suite", args.suite, "--skip", str(args.limit), "--limit",
                 str(args.bench_limit), *models, *common, "--out", str(out / "bench")], timings,
-               partial=out / "bench" / "traces")
+               partial=out / "bench")
     write_text(out / "report.md", _report(out, args, timings))
     print(f"pipeline finished: {out / 'report.md'}")
     return 0

@@ -140,7 +140,7 @@ def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: s
                 progress.set_postfix(accepted=f"{totals['accepted'] / totals['drafted_rounds']:.2f}")
     except KeyboardInterrupt:
         progress.close()
-        _close(decoder)
+        decoder.close()
         if writer.requests == 0:
             print(f"interrupted before the first request finished; nothing was written to {out}", file=sys.stderr)
             return 130
@@ -148,16 +148,10 @@ def record(pair, suite, config, out: Path, overwrite: bool = False, suite_arg: s
         print(f"interrupted: kept the {writer.requests} finished requests of {len(suite)} in {path}", file=sys.stderr)
         return 130
     progress.close()
-    _close(decoder)
+    decoder.close()
     path = writer.close()
     _print_summary(path, writer.requests, totals, time.perf_counter() - started)
     return 0
-
-
-def _close(decoder) -> None:
-    close = getattr(decoder, "close", None)
-    if close is not None:
-        close()
 
 
 def _add_totals(totals: dict, rounds) -> None:
