@@ -73,22 +73,20 @@ def load_traces(paths: list[Path], pool: bool, latency_paths: list[Path] = ()):
         seen[key] = str(path)
     tables = [(str(path), read_trace(path)) for path in paths]
     timing = [(str(path), read_trace(path)) for path in latency_paths]
-    for source, table in timing:
-        if table.num_rows == 0:
-            raise BpsimError(f"latency trace {source} contains no rounds; record at least one request")
-        if trace_metadata(table).get("complete") is False:
-            logger.warning("latency trace %s is incomplete: its run was interrupted; its timings are used", source)
+    for kind, group in (("trace", tables), ("latency trace", timing)):
+        for source, table in group:
+            if table.num_rows == 0:
+                raise BpsimError(f"{kind} {source} contains no rounds; record at least one request before fitting it")
+            metadata = trace_metadata(table)
+            if metadata.get("complete") is False:
+                suite = metadata.get("suite")
+                prompts = suite.get("prompts") if isinstance(suite, dict) else None
+                logger.warning("%s %s is incomplete: its run stopped after %s of %s requests; the fit uses what it "
+                               "holds", kind, source, metadata.get("requests", "?"), prompts or "?")
     pairs = {}
     targets_only = {}
     for source, table in tables:
-        if table.num_rows == 0:
-            raise BpsimError(f"trace {source} contains no rounds; record at least one request before fitting it")
         metadata = trace_metadata(table)
-        if metadata.get("complete") is False:
-            suite = metadata.get("suite")
-            prompts = suite.get("prompts") if isinstance(suite, dict) else None
-            logger.warning("trace %s is incomplete: its run stopped after %s of %s requests; the fit uses the "
-                           "requests it holds", source, metadata.get("requests", "?"), prompts or "?")
         if metadata.get("draft") is None:
             # A target-only trace only informs the latency model, so it needs the same target alone.
             targets_only.setdefault(model_pair({"target": metadata.get("target")}).split(" -> ")[0], []).append(source)
@@ -109,8 +107,11 @@ def load_traces(paths: list[Path], pool: bool, latency_paths: list[Path] = ()):
     for source, table in timing:
         metadata = trace_metadata(table)
         pair = model_pair(metadata)
-        target = pair.split(" -> ")[0]
-        if metadata.get("draft") is None and target not in targets or metadata.get("draft") is not None and pair not in pairs:
+        if metadata.get("draft") is None:
+            known = pair.split(" -> ")[0] in targets  # a target-only trace needs the same target
+        else:
+            known = pair in pairs
+        if not known:
             raise BpsimError(f"latency trace {source} was recorded with {pair}, but the traces use "
                              f"{', '.join(sorted(pairs))}; time the same pair")
     everything = [table.replace_schema_metadata(None) for _, table in tables + timing]
