@@ -17,9 +17,9 @@ unit, so every unit runs at the same context length. Three schedules run the uni
 
 A schedule's time is the median wall time per unit. A concurrent unit ends when both the verify
 and the draft are done, and a process unit includes the pipe round trip. The speed ratio is the
-sequential time over the schedule's time: above 1 the concurrent schedule finishes a unit sooner,
-so overlap pays; below 1, contention (the GIL, shared caches and memory bandwidth, and fewer
-intra-op threads per model) costs more than the overlap saves. Verify and draft are also timed
+sequential time over the schedule's time. Above 1 the concurrent schedule finishes a unit sooner,
+so overlap pays. Below 1, contention costs more than the overlap saves: the GIL, shared caches and
+memory bandwidth, and fewer intra-op threads per model. Verify and draft are also timed
 alone with 1 thread and with the default thread count, which shows what each model loses by
 giving up threads. "ideal overlap" is the larger of the two alone times at
 ``--threads-per-model`` threads, the unit time of a perfect overlap without contention. The

@@ -157,15 +157,17 @@ def test_fitted_pair_mismatch_names_both_pairs(exported):
     same = pair(fitted["target"].get("sha256"), fitted["draft"].get("sha256"))
     assert fitted_pair_mismatch(loaded, same) is None
     message = fitted_pair_mismatch(loaded, pair(fitted["target"].get("sha256"), "other"))
-    assert message is not None and "fitted on" in message and "record, fit and export again" in message
+    assert message is not None
+    assert "fitted on" in message
+    assert "record, fit and export again" in message
 
 
 def test_export_records_the_faster_predraft_mode(exported):
     loaded = load_exported(exported["out"])
-    kept = json.loads((exported["fit_dir"] / HELDOUT_REPLAY).read_text())
-    kinds = {policy["kind"] for policy in kept["policies"]}
+    heldout = json.loads((exported["fit_dir"] / HELDOUT_REPLAY).read_text())
+    kinds = {policy["kind"] for policy in heldout["policies"]}
     assert {"predicted", "sequential"} <= kinds
-    winner = max((p for p in kept["policies"] if p["kind"] in ("predicted", "sequential")),
+    winner = max((p for p in heldout["policies"] if p["kind"] in ("predicted", "sequential")),
                  key=lambda p: (p["tokens_per_s"]["value"], p["kind"] == "sequential"))
     assert loaded.predraft == (winner["kind"] == "predicted")
 

@@ -170,7 +170,8 @@ def test_latency_trace_of_another_pair_rejected(tmp_path, capsys):
     code, _ = fit(tmp_path, trace, extra=("--latency-traces", str(timing)))
     assert code == 2
     error = capsys.readouterr().err
-    assert str(timing) in error and "other-draft" in error
+    assert str(timing) in error
+    assert "other-draft" in error
 
 
 def test_incomplete_trace_fits_with_warning(tmp_path, caplog):

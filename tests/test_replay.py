@@ -205,10 +205,10 @@ def test_branch_prediction_hit_needs_correction_token():
 
 
 def test_predraft_cost_charged_on_hits_and_misses():
-    # Every round rejects its first draft; a static "zero" predictor pre-drafts 2 tokens each
+    # Every round rejects its first draft, and a static "zero" predictor pre-drafts 2 tokens each
     # round. Request 0 never guesses the correction, request 1 always does. A pre-draft of m
-    # tokens costs m - 0.5 * min(m, verify) + 0.25 ms whether kept or not (1.25 ms for 2, 0.75 ms
-    # for 1); a kept one spares the next round its drafting. Positions 0-7 draft 2, position 8
+    # tokens costs m - 0.5 * min(m, verify) + 0.25 ms whether kept or not: 1.25 ms for 2 and
+    # 0.75 ms for 1. A kept one spares the next round its drafting. Positions 0-7 draft 2, position 8
     # drafts 1, position 9 none. Positions 0-6 pre-draft 2 tokens, position 7 the 1 token that
     # position 8 can use, and position 8 none.
     latency = LatencyModel(draft_ms_per_token=1.0, verify_base_ms=10.0, verify_ms_per_token=1.0,
@@ -450,7 +450,7 @@ def test_huge_pattern_table_uses_scalar_path(caplog):
 
 
 def test_sequential_predictor_pays_no_predraft():
-    # Without pre-drafting, a predictor that always asks for 2 drafts decodes exactly as plain
+    # Without pre-drafting, a predictor that always requests 2 drafts decodes exactly as plain
     # speculative decoding at draft_len 2, however costly a pre-draft would be.
     latency = LatencyModel(draft_ms_per_token=2.0, verify_base_ms=10.0, verify_ms_per_token=1.0,
                            predraft_overlap=-1.0, predraft_overhead_ms=5.0)
@@ -460,7 +460,8 @@ def test_sequential_predictor_pays_no_predraft():
     sequential = result.policy("sequential:static:choice=zero,draft_len=2")
     plain = result.policy("plain:draft_len=2")
     assert sequential.kind == "sequential"
-    assert sequential.predrafts == 0 and sequential.hits == 0
+    assert sequential.predrafts == 0
+    assert sequential.hits == 0
     assert sequential.time_s == pytest.approx(plain.time_s, rel=1e-12)
     assert result.policy("static:choice=zero,draft_len=2").time_s > sequential.time_s
 
@@ -482,8 +483,8 @@ def test_latency_traces_join_fit_not_replay(tmp_path):
 
 
 def test_sequential_distribution_predictor_drafts_when_plain_pays():
-    # With a pre-draft that costs more than it saves, a distribution predictor scored for
-    # pre-drafting never drafts; rebuilt for the sequential mode it drafts and beats the target.
+    # A pre-draft here costs more than it saves, so a distribution predictor scored for
+    # pre-drafting never drafts. Rebuilt for the sequential mode, it drafts and beats the target.
     latency = LatencyModel(draft_ms_per_token=3.0, verify_base_ms=10.0, verify_ms_per_token=1.0, predraft_overlap=-1.0)
     rng = np.random.default_rng(0)
     table = table_from_outcomes([rng.random(120) < 0.8 for _ in range(8)], [rng.random(120) < 0.15 for _ in range(8)],
@@ -496,7 +497,7 @@ def test_sequential_distribution_predictor_drafts_when_plain_pays():
     assert sequential.tokens_per_s.value > result.policy("target").tokens_per_s.value
 
 
-def test_overlap_fit_with_one_predraft_length_fits_overlap_only():
+def test_overlap_fit_one_predraft_length():
     # The pre-draft (36 ms) outlasts verification, so the overlappable time barely varies: only
     # the overlap can be fitted, and the fixed overhead is labelled as assumed.
     rng = np.random.default_rng(1)
@@ -547,8 +548,8 @@ def test_predraft_only_timings_rejected():
 
 def test_plus2_minus1_rule_hand_computed():
     # Runs of matches: 3 from position 0, 6 from position 4. The schedule starts at 2, grows by 2
-    # after an all-accepted round and shrinks by 1 otherwise, within 1..5: rounds at positions
-    # 0, 3, 4, 8, 11, 12 draft 2, 4, 3, 4 (capped by the request), 1 and 0 and cost 94 ms.
+    # after an all-accepted round and shrinks by 1 otherwise, within 1..5. The rounds at positions
+    # 0, 3, 4, 8, 11 and 12 draft 2, 4, 3, 4 (capped by the request), 1 and 0, and cost 94 ms.
     table = table_from_outcomes([[1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 0, 1]], latency=SIMPLE)
     result = replay(table, draft_lens=[2], heuristic=(2, 5), oracle=False, bootstrap=5, device="cpu")
     rule = result.policy("plus2-minus1-rule:first=2,max=5")
