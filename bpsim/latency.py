@@ -106,6 +106,8 @@ class LatencyModel:
 
         The round that launches it pays its compute less the part hidden beside the
         ``verify_window_ms`` of verification, plus the fixed overhead; 0 when ``draft_len`` is 0.
+        NOTE: a miss is charged in full, while the thread backend cancels a pre-draft that cannot
+        hit once verification ends; the two differ only for pre-drafts longer than verification.
         """
         compute = self.predraft_ms(draft_len, branches)
         hidden = self.predraft_overlap * np.minimum(compute, np.asarray(verify_window_ms, dtype=float))

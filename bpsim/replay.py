@@ -32,7 +32,8 @@ grid of predictor parameters over all requests costs one Python loop over rounds
 
 A round never drafts past the request's last token (n is capped at the tokens left minus one),
 as a decoder that knows its token budget would; the cost of drafts a decoder would waste past an
-end-of-sequence token is not counted.
+end-of-sequence token is not counted. NOTE: bpsim's own decoders do not cap draft_len at
+max_new_tokens, so their last rounds of a request draft a few tokens the replay leaves out.
 """
 
 from __future__ import annotations
